@@ -19,6 +19,7 @@ setup(
         "numpy",
         "mpi4py>=3.1",
         "pyyaml",
+        "pydantic>=2.7",
         "tqdm",
         "scikit-learn",
     ],

@@ -1,0 +1,309 @@
+"""Typed configuration: one small frozen model per component, composed by :class:`TrainConfig`.
+
+A config is a YAML file plus ``KEY=VALUE`` overrides (dotted keys for nested sections, values
+parsed as YAML scalars). Unknown keys, wrong types and out-of-range values raise
+:class:`ConfigError`, whose message names the key; the CLI prints it on one line and exits 2.
+Validation is pure (no communication), so every rank reaches the same verdict before any
+collective is entered.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; ``str(err)`` is one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
+
+
+class DataConfig(_Section):
+    name: Literal["digits", "synthetic", "npz"] = "digits"
+    """Data set: the digits set scikit-learn ships, seeded synthetic data, or a user's .npz."""
+    path: Optional[str] = None
+    """For ``npz``: a file with x_train, y_train, x_test, y_test (or x, y split by test_fraction)."""
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Held-out share when the data set has no test split of its own."""
+    synthetic_samples: int = Field(2048, ge=2)
+    """For ``synthetic``: number of samples (train + test)."""
+    synthetic_shape: list[int] = Field(default_factory=lambda: [3, 32, 32])
+    """For ``synthetic``: shape of one input sample."""
+    synthetic_classes: int = Field(10, ge=2)
+    """For ``synthetic``: number of classes."""
+    shuffle: bool = True
+    """Reshuffle the training shard order every epoch (DistributedSampler, seeded per epoch)."""
+    drop_last: bool = False
+    """Drop each rank's last incomplete batch."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.name == "npz":
+            if not self.path:
+                raise _key_error("path", "data.name=npz needs data.path")
+            if not Path(self.path).is_file():
+                raise _key_error("path", f"file not found: {self.path}")
+        if any(d < 1 for d in self.synthetic_shape) or not self.synthetic_shape:
+            raise _key_error("synthetic_shape", "expected a list of positive ints")
+        return self
+
+
+class ModelConfig(_Section):
+    name: Literal["mlp", "resnet"] = "mlp"
+    """Built-in model: a multi-layer perceptron or a small ResNet-style CNN (with BatchNorm)."""
+    hidden: list[int] = Field(default_factory=lambda: [128, 64])
+    """MLP hidden layer widths."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """MLP dropout probability."""
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 128])
+    """ResNet stage widths; each stage after the first halves the resolution."""
+    blocks_per_stage: int = Field(1, ge=1)
+    """ResNet residual blocks in each stage."""
+    sync_batchnorm: bool = False
+    """Use synchronous BatchNorm across ranks; otherwise rank 0's BN buffers are broadcast
+    before evaluation and checkpointing."""
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    """torch.optim optimizer."""
+    lr: float = Field(0.05, gt=0.0)
+    """Base learning rate for one rank (before scaling)."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD momentum."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """Weight decay."""
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    """How the lr grows with the number of data-parallel ranks (Goyal et al.'s linear rule)."""
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    """Ramp linearly from the base lr to the scaled lr over this many epochs."""
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    """Learning-rate schedule after warmup (per optimizer step)."""
+    step_epochs: list[int] = Field(default_factory=list)
+    """For ``step``: epochs at which the lr is multiplied by ``gamma``."""
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    """For ``step``: decay factor."""
+    grad_clip: float = Field(0.0, ge=0.0)
+    """Clip the global gradient norm to this value after the allreduce (0: off)."""
+    accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step (Horovod's backward_passes_per_step)."""
+
+
+class HorovodConfig(_Section):
+    op: Literal["average", "adasum"] = "average"
+    """Gradient reduction: averaging allreduce, or Adasum (power-of-two rank counts)."""
+    compression: Literal["none", "fp16"] = "none"
+    """Gradient compression on the wire."""
+    gradient_predivide_factor: float = Field(1.0, gt=0.0)
+    """Divide gradients by this before the sum and by size/factor after (op=average only)."""
+    fusion_threshold_mb: Optional[float] = Field(None, ge=0.0)
+    """HOROVOD_FUSION_THRESHOLD in MiB (None: Horovod's default, 64)."""
+    cycle_time_ms: Optional[float] = Field(None, gt=0.0)
+    """HOROVOD_CYCLE_TIME in ms (None: the trainer's measured default, see README)."""
+    cache_capacity: Optional[int] = Field(None, ge=0)
+    """HOROVOD_CACHE_CAPACITY (None: Horovod's default, 1024)."""
+    timeline: Optional[str] = None
+    """HOROVOD_TIMELINE: write a Chrome-trace timeline to this file."""
+
+
+class DDPConfig(_Section):
+    bucket_cap_mb: float = Field(25.0, gt=0.0)
+    """DistributedDataParallel bucket size (torch's default 25)."""
+    master_port: int = Field(0, ge=0, le=65535)
+    """Rendezvous port on rank 0's host (0: rank 0 picks a free one and tells the others)."""
+
+
+class PSConfig(_Section):
+    num_servers: int = Field(1, ge=1)
+    """Ranks that serve parameter shards; the rest are workers."""
+    mode: Literal["sync", "async", "ssp"] = "sync"
+    """Consistency: synchronous, asynchronous (Downpour), or bounded staleness (SSP)."""
+    staleness: int = 2
+    """For ``ssp``: no worker runs more than this many steps ahead of the slowest."""
+    backup_workers: int = 0
+    """For ``sync``: a step proceeds with the first workers-b gradients; late ones are dropped."""
+    straggler_rank: int = -1
+    """Delay this global rank by ``straggler_ms`` per step (-1: nobody); for experiments."""
+    straggler_ms: float = Field(0.0, ge=0.0)
+    """Delay per step for the straggler."""
+    timeout_s: float = Field(60.0, gt=0.0)
+    """A peer silent for this long is declared dead: every rank exits non-zero naming it."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "PSConfig":
+        if self.staleness < 0:
+            raise _key_error("staleness", f"must be >= 0, got {self.staleness}")
+        if self.backup_workers < 0:
+            raise _key_error("backup_workers", f"must be >= 0, got {self.backup_workers}")
+        return self
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(0, ge=0)
+    """Checkpoint every N optimizer steps (0: off)."""
+    every_epochs: int = Field(1, ge=0)
+    """Checkpoint at the end of every N epochs (0: off)."""
+    keep: int = Field(3, ge=1)
+    """Keep the newest K checkpoints."""
+    resume: Literal["auto", "never"] = "auto"
+    """``auto``: continue from the newest valid checkpoint in run_dir."""
+
+
+class RuntimeConfig(_Section):
+    threads: int = Field(0, ge=0)
+    """torch threads per rank (0: cores / local ranks, at least 1)."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    log_every_rank: bool = False
+    """Every rank also writes its own log file into run_dir."""
+
+
+class TrainConfig(_Section):
+    strategy: Literal["horovod", "ddp", "ps"] = "horovod"
+    """How gradients are exchanged: Horovod ring-allreduce, torch DDP over gloo, or the
+    mpi4py parameter server."""
+    seed: int = 0
+    """Seeds model init, data order and every rank's RNG."""
+    epochs: int = Field(10, ge=1)
+    """Training epochs."""
+    batch_size: int = Field(32, ge=1)
+    """Micro-batch size per data-parallel rank."""
+    max_steps: int = Field(0, ge=0)
+    """Stop after this many optimizer steps in total (0: run all epochs); a checkpoint is
+    written at the stop, so a later run with resume=auto continues exactly."""
+    run_dir: str = "runs/default"
+    """Where metrics.jsonl, summary.json and checkpoints go."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    horovod: HorovodConfig = Field(default_factory=HorovodConfig)
+    ddp: DDPConfig = Field(default_factory=DDPConfig)
+    ps: PSConfig = Field(default_factory=PSConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.horovod.op == "adasum" and self.horovod.gradient_predivide_factor != 1.0:
+            raise _key_error("horovod.gradient_predivide_factor", "must be 1.0 with horovod.op=adasum")
+        if self.horovod.op == "adasum" and self.optim.lr_scaling == "linear":
+            raise _key_error("optim.lr_scaling",
+                             "Adasum on CPU takes no linear lr scaling: use none (or sqrt)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="python")
+
+
+def check_world(cfg: TrainConfig, world_size: int) -> None:
+    """Checks that need the world size; pure, so every rank raises the same error at once."""
+    if cfg.strategy == "horovod" and cfg.horovod.op == "adasum" and world_size & (world_size - 1):
+        raise ConfigError(f"horovod.op: adasum needs a power-of-two number of ranks, got {world_size}")
+    if cfg.strategy == "ps":
+        ps = cfg.ps
+        if ps.num_servers > world_size - 1:
+            raise ConfigError(f"ps.num_servers: at most world size - 1 = {world_size - 1}, got {ps.num_servers}")
+        workers = world_size - ps.num_servers
+        if ps.backup_workers >= workers:
+            raise ConfigError(f"ps.backup_workers: must be < number of workers ({workers}), got {ps.backup_workers}")
+        if ps.backup_workers and ps.mode != "sync":
+            raise ConfigError("ps.backup_workers: only with ps.mode=sync")
+        if ps.straggler_rank >= world_size:
+            raise ConfigError(f"ps.straggler_rank: must be < world size {world_size}, got {ps.straggler_rank}")
+
+
+class _KeyError(ValueError):
+    def __init__(self, key: str, msg: str) -> None:
+        super().__init__(f"{key}: {msg}")
+        self.key, self.msg = key, msg
+
+
+def _key_error(key: str, msg: str) -> _KeyError:
+    return _KeyError(key, msg)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item}: overrides are KEY=VALUE")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
+    ctx_err = (first.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _KeyError):
+        return f"{loc + '.' if loc else ''}{ctx_err.key}: {ctx_err.msg}"
+    if first["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    got = first.get("input")
+    got_s = f", got {got!r}" if not isinstance(got, dict) else ""
+    return f"{loc}: {first['msg'].lower()}{got_s}"
+
+
+def from_dict(tree: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Load a YAML file (or only defaults when ``path`` is None) and apply ``KEY=VALUE`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config: {p} is not valid YAML ({str(err).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config: {p} must hold a mapping at the top level")
+        tree = loaded or {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return from_dict(tree)
+
+
+def replace(cfg: TrainConfig, **dotted: Any) -> TrainConfig:
+    """A copy of ``cfg`` with dotted keys replaced (``replace(cfg, **{"optim.lr": 0.1})``), validated."""
+    tree = cfg.to_dict()
+    for key, value in dotted.items():
+        _set_dotted(tree, key, value)
+    return from_dict(tree)

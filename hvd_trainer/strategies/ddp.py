@@ -1,0 +1,128 @@
+"""torch DistributedDataParallel over gloo: the baseline a user would otherwise pick.
+
+Ranks come from MPI when launched by mpirun/srun (mpi4py bootstraps the rendezvous: rank 0
+picks a port and tells the others) or from torchrun's RANK/WORLD_SIZE/MASTER_ADDR variables.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import DDPConfig
+from .. import syncbn
+from .base import Strategy, mean_loss_step, threads_per_rank, unwrap
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _rendezvous(cfg: DDPConfig) -> tuple[int, int, int, int, str]:
+    """(rank, size, local_rank, local_size, init_method) from MPI or torchrun's environment."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return (rank, size, int(os.environ.get("LOCAL_RANK", 0)),
+                int(os.environ.get("LOCAL_WORLD_SIZE", 1)), "env://")
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    hosts = comm.allgather(socket.gethostname())
+    if rank == 0:
+        # Single host: loopback. Several: rank 0's hostname, which the others must resolve.
+        addr = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(hosts[0])
+        port = cfg.master_port or _free_port(addr)
+    else:
+        addr, port = None, None
+    addr, port = comm.bcast((addr, port), root=0)
+    out = (rank, size, local.Get_rank(), local.Get_size(), f"tcp://{addr}:{port}")
+    local.Free()
+    return out
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def __init__(self, cfg: DDPConfig, threads: int = 0) -> None:
+        self.cfg, self.threads = cfg, threads
+
+    def init(self) -> None:
+        self.rank, self.size, self.local_rank, self.local_size, method = _rendezvous(self.cfg)
+        if torch.cuda.is_available():  # not exercised here (no GPU)
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method=method, rank=self.rank, world_size=self.size,
+                                timeout=timedelta(minutes=5))
+        torch.set_num_threads(threads_per_rank(self.threads, self.local_size))
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def prepare(self, model, optimizer, accumulation_steps):
+        ids = [self.local_rank] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.cfg.bucket_cap_mb), optimizer
+
+    def sync_batchnorm(self, model: nn.Module) -> nn.Module:
+        if self.device.type == "cuda":
+            return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # not exercised here (no GPU)
+        from torch.distributed.nn.functional import all_reduce  # differentiable
+        return syncbn.convert(model, syncbn.global_bn(all_reduce))
+
+    def train_step(self, model, optimizer, micro_batches, loss_fn, grad_clip):
+        optimizer.zero_grad()
+        last = len(micro_batches) - 1
+        # Only the last micro-batch's backward allreduces; the others accumulate locally.
+        loss = mean_loss_step(model, micro_batches, loss_fn,
+                              lambda i: model.no_sync() if i < last else None)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        return loss
+
+    def broadcast_state(self, model, optimizer) -> None:
+        module = unwrap(model)
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+        if optimizer.state_dict()["state"]:
+            state = [optimizer.state_dict()]
+            dist.broadcast_object_list(state, src=0)
+            optimizer.load_state_dict(state[0])
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        for b in unwrap(model).buffers():
+            dist.broadcast(b.data, src=0)
+
+    def allreduce_sum(self, tensor):
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    def allgather_object(self, obj):
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_bytes(self, data):
+        n = torch.tensor([len(data) if data else 0], dtype=torch.int64)
+        dist.broadcast(n, src=0)
+        if int(n.item()) == 0:
+            return b""
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else \
+            torch.empty(int(n.item()), dtype=torch.uint8)
+        dist.broadcast(buf, src=0)
+        return buf.numpy().tobytes()
+
+    def settings(self) -> dict[str, Any]:
+        return {"backend": "gloo", "bucket_cap_mb": self.cfg.bucket_cap_mb,
+                "threads_per_rank": torch.get_num_threads()}

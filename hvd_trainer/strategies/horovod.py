@@ -1,0 +1,144 @@
+"""Horovod ring-allreduce: the default strategy.
+
+Does what a careful Horovod user does by hand: knobs set in the environment before
+``hvd.init()``, one thread budget per rank, ``DistributedOptimizer(named_parameters=...)`` with
+compression / op / accumulation / predivide, clipping between ``synchronize()`` and a
+``skip_synchronize()`` step, and rank 0's state broadcast at start and after a resume.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..config import HorovodConfig
+from .. import syncbn
+from .base import LossFn, Strategy, mean_loss_step, threads_per_rank, unwrap
+
+# Horovod's background thread negotiates every HOROVOD_CYCLE_TIME ms. At the stock 1 ms, on a
+# machine with one core per rank, that thread and MPI's busy-polling wait take the core from the
+# backward pass far more often than the gradients need; benchmarks/throughput.py measured the
+# trade-off (README, "Speed") and this default came out of it.
+DEFAULT_CYCLE_TIME_MS = 5.0
+
+_KNOBS = {  # config field -> (environment variable, converter to the env value)
+    "fusion_threshold_mb": ("HOROVOD_FUSION_THRESHOLD", lambda v: str(int(v * 1024 * 1024))),
+    "cycle_time_ms": ("HOROVOD_CYCLE_TIME", lambda v: f"{v:g}"),
+    "cache_capacity": ("HOROVOD_CACHE_CAPACITY", lambda v: str(v)),
+    "timeline": ("HOROVOD_TIMELINE", lambda v: str(v)),
+}
+
+
+def apply_horovod_env(cfg: HorovodConfig, environ: Optional[dict] = None) -> dict[str, str]:
+    """Export the configured knobs before ``hvd.init()``; a value already in the environment
+    wins. Returns the effective values (None where Horovod's built-in default applies)."""
+    env = os.environ if environ is None else environ
+    effective: dict[str, Any] = {}
+    for field, (var, conv) in _KNOBS.items():
+        value = getattr(cfg, field)
+        if field == "cycle_time_ms" and value is None:
+            value = DEFAULT_CYCLE_TIME_MS
+        if var not in env and value is not None:
+            env[var] = conv(value)
+        effective[var] = env.get(var)
+    return effective
+
+
+class HorovodStrategy(Strategy):
+    name = "horovod"
+
+    def __init__(self, cfg: HorovodConfig, threads: int = 0) -> None:
+        self.cfg = cfg
+        self.threads = threads
+        self._env: dict[str, Any] = {}
+        self.hvd = None
+
+    def init(self) -> None:
+        self._env = apply_horovod_env(self.cfg)
+        try:
+            import horovod.torch as hvd
+        except ImportError as err:
+            raise RuntimeError(f"horovod.torch is not importable ({err}); run scripts/install.sh") from None
+        hvd.init()
+        self.hvd = hvd
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+        if torch.cuda.is_available():  # GPU path: one device per local rank (not exercised here)
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        torch.set_num_threads(threads_per_rank(self.threads, self.local_size))
+
+    def shutdown(self) -> None:
+        if self.hvd is not None:
+            self.hvd.shutdown()
+
+    def prepare(self, model, optimizer, accumulation_steps):
+        hvd = self.hvd
+        compression = hvd.Compression.fp16 if self.cfg.compression == "fp16" else hvd.Compression.none
+        op = hvd.Adasum if self.cfg.op == "adasum" else hvd.Average
+        optimizer = hvd.DistributedOptimizer(
+            optimizer, named_parameters=model.named_parameters(), compression=compression,
+            backward_passes_per_step=accumulation_steps, op=op,
+            gradient_predivide_factor=self.cfg.gradient_predivide_factor)
+        return model, optimizer
+
+    def sync_batchnorm(self, model: nn.Module) -> nn.Module:
+        hvd = self.hvd
+        if self.device.type == "cuda":  # Horovod's own layer is GPU-only (not exercised here)
+            return syncbn.convert(model, lambda bn: hvd.SyncBatchNorm(
+                bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats))
+        return syncbn.convert(model, syncbn.global_bn(lambda t: hvd.allreduce(t, op=hvd.Sum)))
+
+    def train_step(self, model, optimizer, micro_batches: Sequence, loss_fn: LossFn, grad_clip: float):
+        optimizer.zero_grad()
+        loss = mean_loss_step(model, micro_batches, loss_fn)
+        if grad_clip > 0:
+            # Clip the *averaged* gradient: wait for the allreduce, clip, then step without a
+            # second allreduce.
+            optimizer.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            with optimizer.skip_synchronize():
+                optimizer.step()
+        else:
+            optimizer.step()
+        return loss
+
+    def broadcast_state(self, model, optimizer) -> None:
+        self.hvd.broadcast_parameters(unwrap(model).state_dict(), root_rank=0)
+        # A fresh optimizer has no state on any rank, and Horovod would create it with a
+        # zero-gradient step (advancing Adam's step count, applying weight decay): skip it then.
+        if optimizer.state_dict()["state"]:
+            self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        buffers = dict(unwrap(model).named_buffers())
+        if buffers and self.size > 1:
+            self.hvd.broadcast_parameters(buffers, root_rank=0)
+
+    def allreduce_sum(self, tensor):
+        return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=None)
+
+    def allgather_object(self, obj):
+        return self.hvd.allgather_object(obj)
+
+    def broadcast_bytes(self, data):
+        hvd = self.hvd
+        n = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+        n = hvd.broadcast(n, root_rank=0, name="hvd_trainer.bytes_len")
+        buf = torch.zeros(int(n.item()), dtype=torch.uint8)
+        if self.rank == 0 and data:
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if int(n.item()) == 0:
+            return b""
+        return hvd.broadcast(buf, root_rank=0, name="hvd_trainer.bytes").numpy().tobytes()
+
+    def settings(self) -> dict[str, Any]:
+        out = dict(self._env)
+        out.update(op=self.cfg.op, compression=self.cfg.compression,
+                   gradient_predivide_factor=self.cfg.gradient_predivide_factor,
+                   controller="mpi" if self.hvd.mpi_enabled() and not os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR") else "gloo",
+                   threads_per_rank=torch.get_num_threads())
+        return out
+
