@@ -52,10 +52,12 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip install -q --disable-pip-version-check)
 
 # Skip the Python part entirely when nothing that feeds it changed since the last good install.
-stamp_key="$(cat "$REPO/setup.py" "$REPO/scripts/install.sh" | sha256sum | cut -c1-16)-$SYSTEM_TORCH"
+# (the package list is part of the key: a new top-level package needs the editable install redone)
+stamp_key="$( (cat "$REPO/setup.py" "$REPO/scripts/install.sh"; cd "$REPO" && ls -d ./*/__init__.py) \
+  | sha256sum | cut -c1-16)-$SYSTEM_TORCH"
 stamp="$VENV/.hvd-trainer-installed"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_key" ] \
-   && "$PY" -c "import horovod.torch, mpi4py, hvd_trainer" 2>/dev/null; then
+   && "$PY" -c "import horovod.torch, mpi4py, hvd_trainer, mpi_jobs" 2>/dev/null; then
   log "up to date ($VENV)"
   exit 0
 fi

@@ -1,0 +1,66 @@
+"""``hvd-launch``: start a program on N ranks with mpirun, horovodrun or srun.
+
+    hvd-launch -np 2 -- hvd-train digits
+    hvd-launch --launcher horovodrun --gloo -np 2 -- hvd-train digits strategy=horovod
+    hvd-launch --launcher srun -np 4 -- hvd-train my.yaml
+    hvd-launch -np 4 --hosts node1:2,node2:2 --tcp-subnet 198.18.0.0/24 -- hvd-train my.yaml
+    hvd-launch --dry-run -np 2 -- hvd-train digits     # print the argument list only
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Optional
+
+from .commands import horovodrun_command, mpirun_command, srun_command
+
+
+def _hosts(spec: Optional[str]) -> Optional[dict[str, int]]:
+    if not spec:
+        return None
+    out = {}
+    for item in spec.split(","):
+        host, _, slots = item.partition(":")
+        out[host] = int(slots or 1)
+    return out
+
+
+def build(args: argparse.Namespace) -> list[str]:
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if args.launcher == "mpirun":
+        return mpirun_command(args.np, program, hosts=_hosts(args.hosts), map_by=args.map_by,
+                              tcp_subnet=args.tcp_subnet)
+    if args.launcher == "horovodrun":
+        return horovodrun_command(args.np, program, hosts=_hosts(args.hosts), gloo=args.gloo,
+                                  network_interfaces=args.network_interfaces.split(",") if args.network_interfaces else ())
+    return srun_command(args.np, program, nodes=args.nodes)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="hvd-launch", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--launcher", choices=["mpirun", "horovodrun", "srun"], default="mpirun")
+    p.add_argument("-np", type=int, required=True, help="number of ranks")
+    p.add_argument("--hosts", help="host:slots,host:slots")
+    p.add_argument("--map-by", help="mpirun --map-by value (e.g. ppr:1:node)")
+    p.add_argument("--tcp-subnet", help="restrict MPI traffic to this subnet (multi-host)")
+    p.add_argument("--gloo", action="store_true", help="horovodrun: Gloo controller")
+    p.add_argument("--network-interfaces", help="horovodrun: interfaces common to all hosts")
+    p.add_argument("--nodes", type=int, help="srun: number of nodes")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("program", nargs=argparse.REMAINDER, help="-- program and its arguments")
+    args = p.parse_args(argv)
+    cmd = build(args)
+    if not (args.program[1:] if args.program[:1] == ["--"] else args.program):
+        p.error("no program given (hvd-launch ... -- PROGRAM ARGS)")
+    print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
+    if args.dry_run:
+        return 0
+    os.execvp(cmd[0], cmd)
+    return 127  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

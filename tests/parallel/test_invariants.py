@@ -1,0 +1,106 @@
+"""Multi-rank invariants of the Horovod (and DDP) strategies, under real mpirun."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_same, train_params
+
+# Plain-SGD MLP on the digits set; lr scaling off so different rank counts use the same lr.
+MLP = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "optim.name=sgd", "optim.lr=0.05",
+       "optim.momentum=0.9", "optim.lr_scaling=none", "epochs=2", "checkpoint.every_epochs=0",
+       "checkpoint.resume=never"]
+
+
+@pytest.mark.parametrize("np", [2, 3])
+def test_parameters_identical_on_every_rank(tmp_path, np):
+    # dropout draws from per-rank streams, so only the allreduce keeps the replicas equal
+    params = train_params(np, tmp_path, MLP + ["model.dropout=0.2"])
+    for other in params[1:]:
+        assert_same(params[0], other, exact=True)
+
+
+@pytest.mark.parametrize("strategy", ["horovod", "ddp"])
+def test_two_ranks_at_b_equal_one_rank_at_2b(tmp_path, strategy):
+    two = train_params(2, tmp_path / "two", MLP + [f"strategy={strategy}", "batch_size=8"])[0]
+    one = train_params(1, tmp_path / "one", MLP + [f"strategy={strategy}", "batch_size=16"])[0]
+    assert_same(two, one)
+
+
+def test_clipping_uses_the_averaged_gradient(tmp_path):
+    # a tight clip is active every step; it must see the global gradient, not each rank's
+    clip = MLP + ["optim.grad_clip=0.05"]
+    two = train_params(2, tmp_path / "two", clip + ["batch_size=8"])[0]
+    one = train_params(1, tmp_path / "one", clip + ["batch_size=16"])[0]
+    unclipped = train_params(1, tmp_path / "free", MLP + ["batch_size=16"])[0]
+    assert_same(two, one)
+    assert not torch.allclose(one["net.1.weight"], unclipped["net.1.weight"], atol=1e-3)
+
+
+@pytest.mark.parametrize("np,b,k", [(1, 8, 4), (2, 8, 2)])
+def test_accumulation_of_k_micro_batches_equals_one_big_batch(tmp_path, np, b, k):
+    accumulated = train_params(np, tmp_path / "acc", MLP + [f"batch_size={b}", f"optim.accumulation_steps={k}"])[0]
+    big = train_params(1, tmp_path / "big", MLP + [f"batch_size={b * k * np}"])[0]
+    assert_same(accumulated, big)
+
+
+def test_fp16_compression_close_to_fp32(tmp_path):
+    fp32 = train_params(2, tmp_path / "fp32", MLP + ["epochs=1"])[0]
+    fp16 = train_params(2, tmp_path / "fp16", MLP + ["epochs=1", "horovod.compression=fp16"])[0]
+    assert_same(fp16, fp32, rtol=0, atol=5e-3)
+    assert any(not torch.equal(fp16[k], fp32[k]) for k in fp32), "fp16 compression had no effect"
+
+
+@pytest.mark.parametrize("np", [1, 2])
+def test_same_seed_gives_bit_identical_weights(tmp_path, np):
+    cfg = MLP + ["model.dropout=0.1", "seed=7"]
+    a = train_params(np, tmp_path / "a", cfg)[0]
+    b = train_params(np, tmp_path / "b", cfg)[0]
+    assert_same(a, b, exact=True)
+    c = train_params(np, tmp_path / "c", MLP + ["model.dropout=0.1", "seed=8"])[0]
+    assert not torch.equal(a["net.1.weight"], c["net.1.weight"])
+
+
+@pytest.mark.parametrize("strategy", ["horovod", "ddp"])
+def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path, strategy):
+    # dropout (RNG streams), momentum (optimizer state), cosine + warmup (scheduler), and a
+    # stop in the middle of an epoch (data position) all have to be restored exactly
+    cfg = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "model.dropout=0.1",
+           "optim.lr=0.05", "optim.warmup_epochs=1", "optim.schedule=cosine", "epochs=3",
+           "batch_size=16", "checkpoint.every_steps=20", "checkpoint.every_epochs=1",
+           "checkpoint.keep=2", f"strategy={strategy}"]
+    straight = train_params(2, tmp_path / "straight", cfg + ["checkpoint.resume=never"])[0]
+    stopped = tmp_path / "stopped"
+    first = train_params(2, stopped, cfg + ["max_steps=57"])[0]
+    assert not torch.equal(first["net.1.weight"], straight["net.1.weight"])
+    ckpts = sorted((stopped / "checkpoints").glob("ckpt-step*.pt"))
+    assert [p.name for p in ckpts] == ["ckpt-step000000045.pt", "ckpt-step000000057.pt"]  # keep=2
+    resumed = train_params(2, stopped, cfg)[0]
+    assert_same(resumed, straight, exact=True)
+
+
+@pytest.mark.parametrize("strategy", ["horovod", "ddp"])
+def test_sync_batchnorm_two_ranks_equal_one_rank_double_batch(tmp_path, strategy):
+    cnn = ["data.name=digits", "model.name=resnet", "model.channels=[8,16]", "model.sync_batchnorm=true",
+           "optim.lr=0.05", "optim.lr_scaling=none", "epochs=1", "checkpoint.every_epochs=0",
+           "checkpoint.resume=never", f"strategy={strategy}"]
+    two = train_params(2, tmp_path / "two", cnn + ["batch_size=8"])
+    one = train_params(1, tmp_path / "one", cnn + ["batch_size=16"])[0]
+    assert_same(two[0], one, rtol=1e-4, atol=1e-5)
+    # running statistics are global too, so both replicas agree without any broadcast
+    assert_same(two[0], two[1], rtol=1e-6, atol=1e-7)
+
+
+def test_horovod_and_ddp_agree(tmp_path):
+    hvd = train_params(2, tmp_path / "hvd", MLP + ["strategy=horovod"])[0]
+    ddp = train_params(2, tmp_path / "ddp", MLP + ["strategy=ddp"])[0]
+    assert_same(hvd, ddp)
+
+
+def test_adasum_keeps_replicas_equal_and_learns(tmp_path):
+    params = train_params(2, tmp_path, MLP + ["horovod.op=adasum"])
+    assert_same(params[0], params[1], exact=True)
+    summary = (tmp_path / "summary.json").read_text()
+    assert '"final_test_accuracy"' in summary
+    import json
+    assert json.loads(summary)["final_test_accuracy"] > 0.8
