@@ -192,6 +192,9 @@ class TrainConfig(_Section):
     def _check(self) -> "TrainConfig":
         if self.horovod.op == "adasum" and self.horovod.gradient_predivide_factor != 1.0:
             raise _key_error("horovod.gradient_predivide_factor", "must be 1.0 with horovod.op=adasum")
+        if self.strategy == "ps" and self.optim.grad_clip > 0:
+            raise _key_error("optim.grad_clip", "not supported with strategy=ps (the averaged gradient "
+                             "exists only in shards on the servers)")
         if self.horovod.op == "adasum" and self.optim.lr_scaling == "linear":
             raise _key_error("optim.lr_scaling",
                              "Adasum on CPU takes no linear lr scaling: use none (or sqrt)")

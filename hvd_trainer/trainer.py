@@ -85,10 +85,10 @@ class Trainer:
             raise ConfigError(f"batch_size: {cfg.batch_size} x accumulation {k} leaves no full step "
                               f"in a shard of {self.batches.sampler.num_samples} samples")
         model = model.to(s.device)
-        optimizer = build_optimizer(model.parameters(), cfg.optim, s.dp_size)
+        optimizer = build_optimizer(model.parameters(), cfg.optim, s.lr_ranks)
         self.n_params = count_parameters(model)
         model, optimizer = s.prepare(model, optimizer, k)
-        scheduler = build_scheduler(optimizer, cfg.optim, s.dp_size, self.steps_per_epoch, cfg.epochs)
+        scheduler = build_scheduler(optimizer, cfg.optim, s.lr_ranks, self.steps_per_epoch, cfg.epochs)
         self.state = TrainState(model, optimizer, scheduler)
         self.ckpt = Checkpointer(f"{cfg.run_dir}/checkpoints", cfg.checkpoint.keep)
         self.train_seconds = 0.0
@@ -97,13 +97,15 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self._stop = False
         self.epoch_done = False
+        self.epoch_seconds: Optional[float] = None
+        self.epoch_samples = 0
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        if not self.strategy.is_worker:
+        self.restore()
+        if not self.strategy.is_worker:  # a parameter server: serve until the workers finish
             self.strategy.serve(self)
             return {}
-        self.restore()
         self.print_plan()
         while self.state.epoch < self.cfg.epochs and not self._stop:
             self.train_epoch()
@@ -111,6 +113,7 @@ class Trainer:
             self.log_epoch()
             if self.epoch_done and self.cfg.checkpoint.every_epochs and self.state.epoch % self.cfg.checkpoint.every_epochs == 0:
                 self.save()
+        self.strategy.end_training()
         return self.finish()
 
     def train_epoch(self) -> None:
@@ -121,6 +124,7 @@ class Trainer:
         loss_sum, count = torch.zeros((), dtype=torch.float64), 0
         st.model.train()
         self.epoch_done = False
+        trained_before = self.train_seconds
         t0 = time.perf_counter()
         for _ in range(first, self.steps_per_epoch):
             micro = [self._to_device(next(batches)) for _ in range(k)]
@@ -141,6 +145,7 @@ class Trainer:
             if self._stop:
                 break
         self.train_seconds += time.perf_counter() - t0
+        self.epoch_seconds = self.train_seconds - trained_before if first == 0 and not self._stop else None
         bar.close()
         if st.batch_in_epoch >= self.steps_per_epoch * k:
             st.epoch += 1
@@ -148,6 +153,7 @@ class Trainer:
             self.epoch_done = True
         totals = self.strategy.allreduce_sum(torch.tensor([float(loss_sum), float(count)], dtype=torch.float64))
         self.samples_seen += int(totals[1])
+        self.epoch_samples = int(totals[1])
         self.last_train_loss = float(totals[0] / max(1.0, float(totals[1])))
 
     def _to_device(self, batch):
@@ -178,6 +184,8 @@ class Trainer:
         record = {"epoch": st.epoch, "step": st.step, "train_loss": self.last_train_loss,
                   "lr": st.optimizer.param_groups[0]["lr"], **self.last_eval,
                   "samples_per_sec": self.samples_seen / max(1e-9, self.train_seconds)}
+        if self.epoch_seconds:  # an uninterrupted epoch: its own throughput, for benchmarks
+            record["epoch_samples_per_sec"] = self.epoch_samples / self.epoch_seconds
         self.out.metrics(record)
         self.out.info(f"epoch {st.epoch:>3}  step {st.step:>6}  train_loss {self.last_train_loss:.4f}  "
                       f"test_loss {self.last_eval['test_loss']:.4f}  "
@@ -209,7 +217,9 @@ class Trainer:
             s.load_payload(st.model, st.optimizer, payload)
             st.scheduler.load_state_dict(payload["scheduler"])
             st.load_counters(payload)
-            if len(payload["rng"]) == s.dp_size:
+            if not s.is_worker:
+                pass
+            elif len(payload["rng"]) == s.dp_size:
                 rng.restore(payload["rng"][s.dp_rank])
             else:
                 self.out.info(f"note: checkpoint has {len(payload['rng'])} ranks' RNG streams, this run "
@@ -225,7 +235,7 @@ class Trainer:
 
     def print_plan(self) -> None:
         s, c = self.strategy, self.cfg
-        lr = c.optim.lr * lr_scale(c.optim.lr_scaling, s.dp_size)
+        lr = c.optim.lr * lr_scale(c.optim.lr_scaling, s.lr_ranks)
         self.out.info(f"hvd-train: strategy={s.name} world_size={s.size} workers={s.dp_size} "
                       f"params={self.n_params:,} train={len(self.train_data)} test={len(self.test_data)}")
         self.out.info(f"  global_batch={self.global_batch_size()} (batch {c.batch_size} x accumulation "

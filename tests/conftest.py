@@ -62,10 +62,17 @@ def mpirun(np: int, program: Sequence[str], timeout: float = 180, env: Optional[
 
 def train_params(np: int, run_dir: Path, overrides: Sequence[str], timeout: float = 180,
                  env: Optional[dict] = None) -> list[dict[str, torch.Tensor]]:
-    """Train with the worker script under mpirun; return every rank's final state_dict."""
+    """Train with the worker script under mpirun; return every worker rank's final state_dict
+    (parameter-server ranks hold no model and write none)."""
     mpirun(np, [sys.executable, WORKER, f"run_dir={run_dir}", "runtime.progress=false", *overrides],
            timeout=timeout, env=env)
-    return [torch.load(run_dir / f"params_rank{r}.pt", weights_only=True) for r in range(np)]
+    return [torch.load(run_dir / f"params_rank{r}.pt", weights_only=True) for r in range(np)
+            if (run_dir / f"params_rank{r}.pt").exists()]
+
+
+def summary(run_dir: Path) -> dict:
+    import json
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 @pytest.fixture

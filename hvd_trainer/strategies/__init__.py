@@ -14,4 +14,4 @@ def make_strategy(cfg: TrainConfig) -> Strategy:
         from .ddp import DDPStrategy
         return DDPStrategy(cfg.ddp, cfg.runtime.threads)
     from .ps import ParameterServerStrategy
-    return ParameterServerStrategy(cfg.ps, cfg.runtime.threads)
+    return ParameterServerStrategy(cfg)

@@ -66,6 +66,14 @@ class Strategy(ABC):
         """Number of data-parallel (worker) ranks."""
         return self.size
 
+    @property
+    def lr_ranks(self) -> int:
+        """The rank count the lr scaling rule applies to (the ranks averaged into one step)."""
+        return self.dp_size
+
+    def end_training(self) -> None:
+        """Called by every rank after the last step, before the summary."""
+
     def serve(self, trainer: Any) -> None:
         """Run a non-worker rank's duty until the workers finish (parameter servers only)."""
         raise NotImplementedError(f"{self.name}: every rank is a worker")

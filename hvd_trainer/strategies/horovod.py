@@ -17,11 +17,18 @@ from ..config import HorovodConfig
 from .. import syncbn
 from .base import LossFn, Strategy, mean_loss_step, threads_per_rank, unwrap
 
-# Horovod's background thread negotiates every HOROVOD_CYCLE_TIME ms. At the stock 1 ms, on a
-# machine with one core per rank, that thread and MPI's busy-polling wait take the core from the
-# backward pass far more often than the gradients need; benchmarks/throughput.py measured the
-# trade-off (README, "Speed") and this default came out of it.
-DEFAULT_CYCLE_TIME_MS = 5.0
+# Measured here (benchmarks/throughput.py --sweep, README "Speed"): with one core per rank,
+# Horovod's background thread waits inside MPI, and Open MPI's progress loop busy-polls, taking
+# the core from the rank's own backward pass. Letting the poller yield (mpi_yield_when_idle)
+# recovered most of the gap to DDP; a 2 ms negotiation cycle (stock: 1 ms) the rest. Cycles of
+# 10 ms and more were slower again. Both are defaults only: a value in the environment wins.
+DEFAULT_CYCLE_TIME_MS = 2.0
+
+
+def trainer_mpi_env() -> dict[str, str]:
+    """MPI settings the trainer exports before ``hvd.init()`` unless already set."""
+    return {"OMPI_MCA_mpi_yield_when_idle": "1"}
+
 
 _KNOBS = {  # config field -> (environment variable, converter to the env value)
     "fusion_threshold_mb": ("HOROVOD_FUSION_THRESHOLD", lambda v: str(int(v * 1024 * 1024))),
@@ -43,6 +50,9 @@ def apply_horovod_env(cfg: HorovodConfig, environ: Optional[dict] = None) -> dic
         if var not in env and value is not None:
             env[var] = conv(value)
         effective[var] = env.get(var)
+    for var, value in trainer_mpi_env().items():
+        env.setdefault(var, value)
+        effective[var] = env[var]
     return effective
 
 

@@ -60,7 +60,7 @@ def test_horovod_env_knobs_environment_wins():
     assert env["HOROVOD_FUSION_THRESHOLD"] == str(2 * 1024 * 1024) and eff["HOROVOD_CYCLE_TIME"] == "0.5"
     env = {}
     apply_horovod_env(load_config(None).horovod, env)
-    assert env == {"HOROVOD_CYCLE_TIME": f"{DEFAULT_CYCLE_TIME_MS:g}"}
+    assert env == {"HOROVOD_CYCLE_TIME": f"{DEFAULT_CYCLE_TIME_MS:g}", "OMPI_MCA_mpi_yield_when_idle": "1"}
 
 
 def test_launch_commands_are_argument_lists():

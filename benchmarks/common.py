@@ -1,0 +1,76 @@
+"""Shared by the benchmark scripts: launching one measured job under mpirun and reporting.
+
+A job prints one line ``BENCH_RESULT [samples/s, ...]`` (rank 0); the driver collects those
+from alternating rounds and reports medians, spreads and ratios measured in the same run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MARK = "BENCH_RESULT "
+TMP = Path(os.environ.get("TMPDIR", "/tmp")) / "hvd-bench"
+
+
+def emit(values: Sequence[float]) -> None:
+    """Called by a job's rank 0 with its measurements."""
+    if values:
+        print(MARK + json.dumps(list(values)), flush=True)
+
+
+def run_job(script: str, job_args: Sequence[str], np: int, env: Optional[dict] = None,
+            bind_to: str = "", timeout: float = 900) -> list[float]:
+    """Run ``script --job ...`` on ``np`` ranks; return rank 0's measurements."""
+    from mpi_jobs import mpirun_command
+
+    cores = os.cpu_count() or 1
+    cmd = mpirun_command(np, [sys.executable, script, *job_args], env=env or {},
+                         bind_to=bind_to or ("core" if np <= cores else "none"))
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_")}
+    full_env.update(env or {})
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    for line in res.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    raise RuntimeError(f"job failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+
+
+def run_rounds(variants: dict, rounds: int, run) -> dict[str, list[float]]:
+    """``run(name, spec) -> list[float]`` for every variant, ``rounds`` times, alternating."""
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds):
+        for name, spec in variants.items():
+            results[name] += run(name, spec)
+            print(f"round {r + 1}/{rounds} {name:<24} {statistics.median(results[name]):9.1f}",
+                  file=sys.stderr, flush=True)
+    return results
+
+
+def report(title: str, results: dict[str, list[float]], ratios: dict[str, tuple[str, str]],
+           targets: dict[str, float], json_path: Optional[str] = None, unit: str = "samples/s") -> dict:
+    med = {n: statistics.median(v) for n, v in results.items()}
+    print(f"\n{title}\n(median {unit}, min..max over {len(next(iter(results.values())))} timed blocks)")
+    for name, vals in results.items():
+        print(f"  {name:<26} {med[name]:9.1f}   ({min(vals):.1f} .. {max(vals):.1f})")
+    out = {}
+    print("ratios (same run)")
+    for label, (a, b) in ratios.items():
+        value = med[a] / med[b]
+        out[label] = value
+        t = targets.get(label)
+        verdict = "" if t is None else f"   target >= {t:.2f}: {'met' if value >= t else 'NOT met'}"
+        print(f"  {label:<40} {value:6.3f}{verdict}")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"raw": results, "median": med, "ratios": out,
+                                               "time": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
+    return out

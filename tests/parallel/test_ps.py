@@ -1,0 +1,155 @@
+"""The mpi4py parameter server under real mpirun: equivalence, consistency modes, failures."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import BIN, WORKER, assert_same, mpirun, summary, train_params
+from mpi_jobs import mpirun_command
+
+SGD = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "optim.name=sgd", "optim.lr=0.05",
+       "optim.momentum=0.9", "optim.lr_scaling=linear", "epochs=2", "batch_size=16",
+       "checkpoint.every_epochs=0", "checkpoint.resume=never"]
+
+
+@pytest.mark.parametrize("np,servers", [(3, 1), (4, 2), (4, 1)])
+def test_sync_ps_equals_allreduce_with_the_same_workers(tmp_path, np, servers):
+    workers = np - servers
+    ps = train_params(np, tmp_path / "ps", SGD + ["strategy=ps", f"ps.num_servers={servers}"])
+    ring = train_params(workers, tmp_path / "ring", SGD + ["strategy=horovod"])[0]
+    assert len(ps) == workers
+    for replica in ps[1:]:
+        assert_same(ps[0], replica, exact=True)  # every worker pulled the same parameters
+    assert_same(ps[0], ring)
+    s = summary(tmp_path / "ps")
+    assert (s["workers"], s["servers"], s["global_batch_size"]) == (workers, servers, 16 * workers)
+    steps = s["steps"]
+    assert s["pushes"] == s["pulls"] == steps * workers * servers and s["dropped_gradients"] == 0
+    assert s["bytes_received"] == s["bytes_sent"] == steps * workers * 4 * s["parameters"]
+
+
+def test_sync_ps_resume_is_bit_identical(tmp_path):
+    cfg = SGD + ["strategy=ps", "ps.num_servers=2", "epochs=3", "optim.schedule=cosine",
+                 "checkpoint.every_steps=25", "checkpoint.resume=auto"]
+    straight = train_params(4, tmp_path / "straight", cfg)[0]
+    stopped = tmp_path / "stopped"
+    train_params(4, stopped, cfg + ["max_steps=70"])
+    resumed = train_params(4, stopped, cfg)[0]
+    assert_same(resumed, straight, exact=True)
+
+
+@pytest.mark.parametrize("mode,np,seed", [("async", 3, 0), ("async", 4, 1), ("ssp", 3, 2), ("ssp", 4, 3)])
+def test_async_and_ssp_converge(tmp_path, mode, np, seed):
+    # every push is a step of its own (no averaging), on a slightly stale model: a smaller lr
+    mpirun(np, ["hvd-train", "digits", "strategy=ps", f"ps.mode={mode}", "ps.staleness=2", f"seed={seed}", "optim.lr=0.02",
+                "optim.lr_scaling=none", "runtime.progress=false", f"run_dir={tmp_path}"], timeout=240)
+    s = summary(tmp_path)
+    assert s["final_test_accuracy"] >= 0.93, s
+    assert s["ps_mode"] == mode
+
+
+STRAGGLER = ["strategy=ps", "data.name=digits", "epochs=2", "ps.straggler_rank=1", "ps.straggler_ms=20",
+             "runtime.progress=false", "checkpoint.every_epochs=0", "optim.lr_scaling=none"]
+
+
+def test_ssp_staleness_never_exceeds_the_bound(tmp_path):
+    mpirun(4, ["hvd-train", "digits", *STRAGGLER, "ps.mode=ssp", "ps.staleness=2", f"run_dir={tmp_path / 'ssp'}"])
+    mpirun(4, ["hvd-train", "digits", *STRAGGLER, "ps.mode=async", f"run_dir={tmp_path / 'async'}"])
+    ssp, free = summary(tmp_path / "ssp"), summary(tmp_path / "async")
+    assert 1 <= ssp["max_staleness"] <= 2, ssp  # the straggler really held the others back
+    assert free["max_staleness"] > 2, free      # without the bound the same measure sees more
+
+
+def test_backup_workers_drop_and_count_the_stragglers_gradients(tmp_path):
+    mpirun(4, ["hvd-train", "digits", *STRAGGLER, "ps.backup_workers=1", f"run_dir={tmp_path}"])
+    s = summary(tmp_path)
+    assert s["dropped_gradients"] > 0, s
+    assert s["pushes"] == s["steps"] * 3  # every worker's push arrived and was counted
+    assert s["final_test_accuracy"] > 0.5  # two short epochs, but it learns without the drops
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("ps.num_servers=3", "ps.num_servers: at most world size - 1 = 2, got 3"),
+    ("ps.staleness=-1", "ps.staleness: must be >= 0"),
+    ("ps.backup_workers=2", "ps.backup_workers: must be < number of workers (2), got 2"),
+    ("optim.grad_clip=1", "optim.grad_clip:"),
+])
+def test_bad_ps_config_exits_2_before_communicating(tmp_path, override, needle):
+    res = mpirun(3, ["hvd-train", "digits", "strategy=ps", override, f"run_dir={tmp_path}"], timeout=60, check=False)
+    assert res.returncode == 2, res.output
+    lines = [line for line in res.stderr.splitlines() if line.startswith("hvd-train")]
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+
+
+# --- failures: the job must end on its own, naming the culprit -----------------------------------
+REPORTER = str(WORKER).replace("worker.py", "exit_reporter.py")
+
+
+def _rank_processes(launcher: psutil.Process, np: int, deadline: float) -> dict[int, psutil.Process]:
+    """The training process of every rank (the child of its exit reporter)."""
+    while time.monotonic() < deadline:
+        found = {}
+        for child in launcher.children(recursive=True):
+            try:
+                rank = child.environ().get("OMPI_COMM_WORLD_RANK")
+                is_worker_script = any(a.endswith("worker.py") for a in child.cmdline())
+            except psutil.Error:
+                continue
+            if rank is not None and is_worker_script:
+                found[int(rank)] = child
+        if len(found) == np:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("ranks did not start")
+
+
+@pytest.mark.parametrize("victim,how,culprit", [
+    (1, signal.SIGKILL, "worker 1 (rank 1)"),
+    (1, signal.SIGSTOP, "worker 1 (rank 1)"),
+    (3, signal.SIGSTOP, "server 0 (rank 3)"),
+    (3, signal.SIGKILL, "server 0 (rank 3)"),
+])
+def test_a_dead_or_stopped_peer_ends_the_job_with_its_name(tmp_path, victim, how, culprit):
+    timeout_s = 4.0
+    # --enable-recovery and orte_abort_on_non_zero_status=0: mpirun will NOT tear the job down
+    # when a rank dies or fails; the ranks must notice and leave by themselves
+    cmd = mpirun_command(4, [sys.executable, REPORTER, sys.executable, WORKER, "strategy=ps", "data.name=digits",
+                             "epochs=200", f"ps.timeout_s={timeout_s}", "runtime.progress=false",
+                             f"run_dir={tmp_path}"],
+                         mca={"orte_abort_on_non_zero_status": "0"}, extra=["--enable-recovery"])
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        ranks = _rank_processes(psutil.Process(proc.pid), 4, time.monotonic() + 60)
+        deadline = time.monotonic() + 60
+        metrics = tmp_path / "metrics.jsonl"
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:  # well under way
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.1)
+        os.kill(ranks[victim].pid, how)
+        t0 = time.monotonic()
+        others = [p for r, p in ranks.items() if r != victim]
+        gone, alive = psutil.wait_procs(others, timeout=3 * timeout_s + 10)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]  # exited, not yet reaped
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:  # whatever is left (the stopped victim; survivors on failure)
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                p.kill()
+        out, err = proc.communicate(timeout=30)
+    assert not alive, (f"ranks {[r for r, p in ranks.items() if p in alive]} still running "
+                       f"{3 * timeout_s + 10:.0f}s after the {how.name}\n{err[-3000:]}")
+    assert culprit in err, err[-3000:]
+    for r in ranks:  # every surviving rank said why it stopped, and none exited 0
+        if r != victim:
+            assert f"hvd-train: rank {r} " in err, err[-3000:]
+            # (the reporter's own line can be lost when mpirun ends as the last rank exits)
+            assert f"rank {r} exited with code 0" not in err, err[-3000:]
+    assert elapsed <= 3 * timeout_s + 10
