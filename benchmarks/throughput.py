@@ -10,7 +10,7 @@ them all alike. Every job runs a warm-up block, then timed blocks; a variant's f
 median samples/s over all its timed blocks, with the spread (min..max) beside it.
 
 Variants:
-  trainer/stock   hvd-train, Horovod's stock settings (HOROVOD_CYCLE_TIME=1)
+  trainer/stock   hvd-train, stock Horovod/Open MPI settings (HOROVOD_CYCLE_TIME=1, no MPI yield)
   hand/stock      minimal hand-written Horovod loop, stock settings
   trainer/ours    hvd-train with its defaults
   hand/ours       hand-written loop with the trainer's settings (cycle time, MPI yielding)
@@ -156,7 +156,9 @@ def main() -> None:
     from hvd_trainer.strategies.horovod import trainer_mpi_env, DEFAULT_CYCLE_TIME_MS
 
     one = {"OMP_NUM_THREADS": "1"}
-    stock = {"HOROVOD_CYCLE_TIME": "1", **one}  # Horovod 0.28.1's built-in default, made explicit
+    # Horovod 0.28.1's and Open MPI's built-in defaults, made explicit (the trainer's own
+    # defaults only apply where the environment says nothing)
+    stock = {"HOROVOD_CYCLE_TIME": "1", "OMPI_MCA_mpi_yield_when_idle": "0", **one}
     ours = {"HOROVOD_CYCLE_TIME": f"{DEFAULT_CYCLE_TIME_MS:g}", **trainer_mpi_env(), **one}
     variants = {
         "trainer/stock": ("trainer", stock),

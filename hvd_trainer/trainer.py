@@ -241,8 +241,7 @@ class Trainer:
         self.out.info(f"  global_batch={self.global_batch_size()} (batch {c.batch_size} x accumulation "
                       f"{c.optim.accumulation_steps} x {s.dp_size} ranks)  steps/epoch={self.steps_per_epoch}  "
                       f"lr={c.optim.lr:g} -> {lr:g} ({c.optim.lr_scaling})  threads/rank={torch.get_num_threads()}")
-        for key, value in s.settings().items():
-            self.out.log(f"setting {key}={value}")
+        self.out.info("  " + "  ".join(f"{k}={v}" for k, v in s.settings().items()))
 
     def finish(self) -> dict[str, Any]:
         s, st = self.strategy, self.state

@@ -95,13 +95,15 @@ class ParameterServerStrategy(Strategy):
         # the workers' own optimizer never steps (the servers' does); its scheduler only
         # tracks the lr for reporting, so torch's "scheduler before optimizer" warning is moot
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-        # parameters and gradients become views into one flat vector each
+        # parameters become views into one flat vector, so a pull lands in the model directly;
+        # gradients are gathered into a flat buffer after backward (one copy: cheaper than
+        # letting autograd accumulate into zeroed views, which reads and writes them twice)
         self.flat, self.grad = flat, torch.zeros_like(flat)
+        self.params = params
         offset = 0
         for p in params:
             n = p.numel()
             p.data = self.flat[offset:offset + n].view_as(p)
-            p.grad = self.grad[offset:offset + n].view_as(p)
             offset += n
         self.flat_np, self.grad_np = self.flat.numpy(), self.grad.numpy()
         self.clocks = [self.start_clock] * self.ps.num_servers
@@ -111,8 +113,11 @@ class ParameterServerStrategy(Strategy):
 
     # --- the step (workers) --------------------------------------------------------------------------
     def train_step(self, model, optimizer, micro_batches, loss_fn, grad_clip):
-        self.grad.zero_()  # p.grad are views of self.grad: backward accumulates straight into it
+        for p in self.params:
+            p.grad = None
         loss = mean_loss_step(model, micro_batches, loss_fn)
+        torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                   for p in self.params], out=self.grad)
         if self.rank == self.ps.straggler_rank and self.ps.straggler_ms > 0:
             time.sleep(self.ps.straggler_ms / 1000.0)
         MPI = self.MPI
@@ -250,9 +255,9 @@ class ParameterServerStrategy(Strategy):
 
     def _wait_probe(self, source: int, status) -> None:
         self.waiter.reset([source])
-        delay = 0.0
+        delay, since = 0.0, time.monotonic()
         while not self.ctrl.Iprobe(source=source, tag=TAG_STATE, status=status):
-            delay = self.waiter._idle({source}, delay)
+            delay = self.waiter._idle({source}, delay, since)
 
     def counters(self) -> dict[str, Any]:
         return getattr(self, "_counters", {})
@@ -262,7 +267,8 @@ class ParameterServerStrategy(Strategy):
                                  "ps_mode": self.ps.mode}
         for data in self._ask_all(CTRL_COUNTERS):
             for key, value in pickle.loads(data).items():
-                total[key] = max(total.get(key, 0), value) if key == "max_staleness" else total.get(key, 0) + value
+                combine = max if key in ("max_staleness", "server_cpu_fraction") else (lambda a, b: a + b)
+                total[key] = combine(total.get(key, 0), value)
         return total
 
     def settings(self) -> dict[str, Any]:

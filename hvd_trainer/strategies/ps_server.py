@@ -43,6 +43,7 @@ class ShardServer:
         self.base_lr = trainer.state.scheduler.base_lrs[0]
         n = self.shard.numel()
         self.grads = {w: np.empty(n, dtype=np.float32) for w in self.workers}
+        self.acc = np.empty(n, dtype=np.float32)
         self.ctrl = {w: np.zeros(2, dtype=np.int64) for w in self.workers}
         self.version = strategy.start_clock        # optimizer steps applied (sync)
         self.clock = {w: strategy.start_clock for w in self.workers}  # newest push per worker
@@ -68,6 +69,12 @@ class ShardServer:
         return [w for w in self.workers if w not in self.done and w not in self.waiting]
 
     def serve(self) -> None:
+        # how much of its core the server uses (reported with the counters): a busy-polling
+        # wait would make it ~1
+        self._wall0, self._cpu0 = time.monotonic(), time.process_time()
+        self._serve()
+
+    def _serve(self) -> None:
         n = len(self.workers)
         reqs = [self._post_data(w) for w in self.workers] + [self._post_ctrl(w) for w in self.workers]
         status = self.MPI.Status()
@@ -140,8 +147,13 @@ class ShardServer:
         needed = min(len(self.workers) - self.cfg.backup_workers, len(self.workers) - absent)
         if len(self.accepted) < needed:
             return
-        grads = [self.grads[a] for a in sorted(self.accepted)]  # fixed order: deterministic
-        self._apply(np.sum(grads, axis=0) / np.float32(len(grads)), step_index=self.version)
+        order = sorted(self.accepted)  # a fixed summation order: deterministic
+        acc = self.acc
+        np.copyto(acc, self.grads[order[0]])
+        for a in order[1:]:
+            acc += self.grads[a]
+        acc /= np.float32(len(order))
+        self._apply(acc, step_index=self.version)
         self.version += 1
         for a in self.accepted:
             self._reply(a)
@@ -197,7 +209,9 @@ class ShardServer:
             torch.save({"optimizer": self.opt.state_dict(), "version": self.version}, buf)
             self._send_bytes(w, buf.getvalue())
         elif kind == CTRL_COUNTERS:
-            self._send_bytes(w, pickle.dumps(self.counters))
+            cpu = dict(self.counters, server_cpu_fraction=(time.process_time() - self._cpu0) /
+                       max(1e-9, time.monotonic() - self._wall0))
+            self._send_bytes(w, pickle.dumps(cpu))
 
     def _send_bytes(self, w: int, data: bytes) -> None:
         self._flush_sends()

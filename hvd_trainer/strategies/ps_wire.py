@@ -29,6 +29,7 @@ CTRL_CHECKPOINT = 2
 CTRL_COUNTERS = 3
 CTRL_IDLE = 4      # arg: pushes sent so far; no more until the next step
 MSG_BYTES = 512
+SPIN_S = 0.002  # how long a wait yields before it starts to sleep
 
 
 def partition(total: int, parts: int) -> list[tuple[int, int]]:
@@ -68,19 +69,21 @@ class Waiter:
         peers = set(blocked_on)
         self.reset(peers)
         delay = 0.0
+        since = time.monotonic()
         while not self.MPI.Request.Testall(requests, statuses):
-            delay = self._idle(peers, delay)
+            delay = self._idle(peers, delay, since)
 
     def wait_any(self, requests: Sequence, blocked_on: Callable[[], Iterable[int]],
                  status=None) -> int:
         """Index of one completed request. ``blocked_on()`` names the peers the caller
         cannot progress without (re-evaluated while waiting)."""
         delay = 0.0
+        since = time.monotonic()
         while True:
             index, done = self.MPI.Request.Testany(requests, status)
             if done and index != self.MPI.UNDEFINED:
                 return index
-            delay = self._idle(set(blocked_on()), delay)
+            delay = self._idle(set(blocked_on()), delay, since)
 
     def reset(self, peers: Iterable[int]) -> None:
         now = time.monotonic()
@@ -88,7 +91,8 @@ class Waiter:
             self.heard[p] = now
             self._pinged.pop(p, None)
 
-    def _idle(self, peers: set[int], delay: float) -> float:
+    def _idle(self, peers: set[int], delay: float, since: float) -> float:
+        """One idle turn of a wait that began at ``since``; returns the next sleep."""
         self.service()
         now = time.monotonic()
         for p in peers:
@@ -99,10 +103,15 @@ class Waiter:
             if silent > self.timeout / 4 and now - self._pinged.get(p, 0.0) > self.timeout / 4:
                 self._outbox.append(self.comm.Isend(np.zeros(1, dtype=np.int64), dest=p, tag=TAG_PING))
                 self._pinged[p] = now
-        # back off from a pure spin to 1 ms sleeps: an idle rank must not burn its core
+        # The first SPIN_S of a wait only yield the core (the answer usually comes within a step's
+        # worth of work, and sleeping would add latency); after that, sleep with a growing
+        # interval up to 1 ms, so a rank that really idles does not burn its core.
+        if now - since < SPIN_S:
+            os.sched_yield()
+            return 0.0
         if delay:
             time.sleep(delay)
-        return min(1e-3, max(2e-5, delay * 2))
+        return min(1e-3, max(5e-5, delay * 2))
 
     def service(self) -> None:
         """Answer pings, note pongs, obey aborts. Called while waiting."""
