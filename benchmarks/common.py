@@ -28,6 +28,26 @@ def emit(values: Sequence[float]) -> None:
         print(MARK + json.dumps(list(values)), flush=True)
 
 
+def timed_blocks(step, steps: int, blocks: int, samples_per_step: int) -> list[float]:
+    """One warm-up block of ``steps`` calls to ``step()``, then ``blocks`` timed blocks;
+    returns samples/s of each timed block."""
+    for _ in range(steps):
+        step()
+    out = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        out.append(steps * samples_per_step / (time.perf_counter() - t0))
+    return out
+
+
+def epoch_throughputs(run_dir: str) -> list[float]:
+    """Per-epoch samples/s a trainer run wrote to metrics.jsonl, without the warm-up epoch."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["epoch_samples_per_sec"] for line in lines[1:]]
+
+
 def run_job(script: str, job_args: Sequence[str], np: int, env: Optional[dict] = None,
             bind_to: str = "", timeout: float = 900) -> list[float]:
     """Run ``script --job ...`` on ``np`` ranks; return rank 0's measurements."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import TMP, emit, report, run_job, run_rounds
+from common import TMP, emit, epoch_throughputs, report, run_job, run_rounds, timed_blocks
 
 BATCH = 32
 HIDDEN = [384, 256]
@@ -81,26 +81,11 @@ def job_naive(steps: int, blocks: int) -> list[float]:
                 p.copy_(torch.from_numpy(buf[offset:offset + p.numel()]).view_as(p))
                 offset += p.numel()
 
-    out = _blocks(step, steps, blocks, workers)
+    out = timed_blocks(step, steps, blocks, BATCH * workers)
     return out if rank == 0 else []
 
 
-def _blocks(step, steps, blocks, workers):
-    for _ in range(steps):
-        step()
-    out = []
-    for _ in range(blocks):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        out.append(steps * BATCH * workers / (time.perf_counter() - t0))
-    return out
-
-
 def job_trainer(steps: int, blocks: int, run_dir: str, overrides: list[str]) -> list[float]:
-    import json
-    from pathlib import Path
-
     from torch.utils.data import TensorDataset
 
     from hvd_trainer import Trainer, load_config
@@ -120,8 +105,7 @@ def job_trainer(steps: int, blocks: int, run_dir: str, overrides: list[str]) -> 
     trainer.strategy.shutdown()
     if trainer.strategy.rank != 0:
         return []
-    records = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["epoch_samples_per_sec"] for r in records[1:]]
+    return epoch_throughputs(run_dir)
 
 
 def main() -> None:

@@ -19,12 +19,10 @@ Variants:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 
-from common import TMP, emit, report, run_job, run_rounds
+from common import TMP, emit, epoch_throughputs, report, run_job, run_rounds, timed_blocks
 
 BATCH = 32
 CHANNELS = [64, 128, 256]  # ResNet stages -> 1.22M parameters on 3x32x32 inputs
@@ -45,18 +43,6 @@ def _model_and_batch(seed: int = 0):
     return model, x, y
 
 
-def _timed_blocks(step, steps: int, blocks: int, world: int) -> list[float]:
-    for _ in range(steps):  # warm-up block
-        step()
-    out = []
-    for _ in range(blocks):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        out.append(steps * BATCH * world / (time.perf_counter() - t0))
-    return out
-
-
 def job_hand_horovod(steps: int, blocks: int) -> list[float]:
     import horovod.torch as hvd
     import torch
@@ -73,7 +59,7 @@ def job_hand_horovod(steps: int, blocks: int) -> list[float]:
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 
-    out = _timed_blocks(step, steps, blocks, hvd.size())
+    out = timed_blocks(step, steps, blocks, BATCH * hvd.size())
     return out if hvd.rank() == 0 else []
 
 
@@ -96,13 +82,12 @@ def job_ddp(steps: int, blocks: int) -> list[float]:
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 
-    out = _timed_blocks(step, steps, blocks, comm.size)
+    out = timed_blocks(step, steps, blocks, BATCH * comm.size)
     dist.destroy_process_group()
     return out if comm.rank == 0 else []
 
 
 def job_trainer(steps: int, blocks: int, run_dir: str) -> list[float]:
-    import torch
     from torch.utils.data import TensorDataset
 
     from hvd_trainer import Trainer, load_config
@@ -121,8 +106,7 @@ def job_trainer(steps: int, blocks: int, run_dir: str) -> list[float]:
     trainer.close()
     if trainer.strategy.rank != 0:
         return []
-    records = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["epoch_samples_per_sec"] for r in records[1:]]  # the first epoch is the warm-up
+    return epoch_throughputs(run_dir)
 
 
 def _free_port() -> int:

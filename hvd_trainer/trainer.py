@@ -23,7 +23,7 @@ from .models import build_model, count_parameters
 from .output import Output
 from .schedule import build_optimizer, build_scheduler, lr_scale
 from .strategies import make_strategy
-from .strategies.base import Strategy, torch_load_bytes, unwrap
+from .strategies.base import Strategy, torch_load_bytes
 
 
 class TrainState:

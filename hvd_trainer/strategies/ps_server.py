@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .ps_wire import (CTRL_CHECKPOINT, CTRL_COUNTERS, CTRL_DONE, CTRL_IDLE, TAG_CTRL, TAG_DATA, TAG_STATE,
-                      Waiter)
+from .ps_wire import CTRL_CHECKPOINT, CTRL_COUNTERS, CTRL_DONE, CTRL_IDLE, TAG_CTRL, TAG_DATA, TAG_STATE
 
 
 class ShardServer:

@@ -16,16 +16,18 @@ args = [a for a in sys.argv[1:] if not a.startswith("test.")]
 test_opts = dict(a[len("test."):].split("=", 1) for a in sys.argv[1:] if a.startswith("test."))
 cfg = load_config(None, args)
 
-loss_fn = None
+loss_fn = torch.nn.functional.cross_entropy
 if "fail_rank" in test_opts:
     calls = {"n": 0}
     fail_rank, fail_step = int(test_opts["fail_rank"]), int(test_opts["fail_step"])
 
-    def loss_fn(logits, y):
+    def failing_loss(logits, y):
         calls["n"] += 1
         if trainer.strategy.rank == fail_rank and calls["n"] == fail_step:
             raise RuntimeError(f"injected failure on rank {fail_rank}")
         return torch.nn.functional.cross_entropy(logits, y)
+
+    loss_fn = failing_loss
 
 trainer = Trainer(cfg, loss_fn=loss_fn)
 try:
