@@ -5,6 +5,7 @@
     hvd-launch --launcher srun -np 4 -- hvd-train my.yaml
     hvd-launch -np 4 --hosts node1:2,node2:2 --tcp-subnet 198.18.0.0/24 -- hvd-train my.yaml
     hvd-launch --dry-run -np 2 -- hvd-train digits     # print the argument list only
+    hvd-launch --sbatch job.sh -np 8 --nodes 2 -- hvd-train my.yaml   # write a SLURM batch script
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def build(args: argparse.Namespace) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="hvd-launch", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--launcher", choices=["mpirun", "horovodrun", "srun"], default="mpirun")
+    p.add_argument("--launcher", choices=["mpirun", "horovodrun", "srun"],
+                   help="default: mpirun to run now, srun inside an --sbatch script")
     p.add_argument("-np", type=int, required=True, help="number of ranks")
     p.add_argument("--hosts", help="host:slots,host:slots")
     p.add_argument("--map-by", help="mpirun --map-by value (e.g. ppr:1:node)")
@@ -50,11 +52,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--network-interfaces", help="horovodrun: interfaces common to all hosts")
     p.add_argument("--nodes", type=int, help="srun: number of nodes")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("--sbatch", metavar="FILE", help="write a SLURM batch script (srun or --launcher mpirun) to FILE")
+    p.add_argument("--time", default="01:00:00", help="--sbatch: wall-clock limit")
     p.add_argument("program", nargs=argparse.REMAINDER, help="-- program and its arguments")
     args = p.parse_args(argv)
-    cmd = build(args)
-    if not (args.program[1:] if args.program[:1] == ["--"] else args.program):
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
         p.error("no program given (hvd-launch ... -- PROGRAM ARGS)")
+    if args.sbatch:
+        from .slurm import BatchJob
+
+        job = BatchJob(program=program, ntasks=args.np, nodes=args.nodes, time=args.time,
+                       launcher="mpirun" if args.launcher == "mpirun" else "srun",
+                       requeue_on_preempt=True)
+        with open(args.sbatch, "w") as f:
+            f.write(job.script())
+        print(f"wrote {args.sbatch}: sbatch {args.sbatch}", file=sys.stderr)
+        return 0
+    args.launcher = args.launcher or "mpirun"
+    cmd = build(args)
     print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
     if args.dry_run:
         return 0

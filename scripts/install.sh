@@ -34,6 +34,8 @@ command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
 command -v mpicc  >/dev/null 2>&1 || need_apt+=(libopenmpi-dev)
 [ -x /usr/bin/cmake ] || need_apt+=(cmake)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+# SLURM (slurmctld, slurmd, munge, srun with PMIx): the tests start a one-node cluster of their own
+command -v slurmctld >/dev/null 2>&1 || need_apt+=(slurm-wlm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   command -v apt-get >/dev/null 2>&1 || die "missing ${need_apt[*]} and no apt-get: install MPI, cmake and g++ first"
   log "apt-get install ${need_apt[*]}"
