@@ -52,5 +52,6 @@ class BatchJob:
         if self.launcher == "mpirun":
             # inside an allocation Open MPI reads the hosts and slots from SLURM itself
             from .commands import mpirun_command
-            return mpirun_command(self.ntasks, self.program)
+            # (the local core count says nothing about the allocation: no oversubscription guess)
+            return mpirun_command(self.ntasks, self.program, oversubscribe=False, yield_when_idle=False)
         raise ValueError(f"launcher must be srun or mpirun, got {self.launcher!r}")
