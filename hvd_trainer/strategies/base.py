@@ -40,14 +40,16 @@ class Strategy(ABC):
     def abort(self, code: int = 1) -> None:
         """Bring every rank of the job down after a failure on this rank (any one rank).
 
-        Default: MPI_Abort when running under MPI, else exit this process at once."""
-        try:
-            from mpi4py import MPI  # noqa: PLC0415 - only when MPI is initialised already
+        Default: MPI_Abort when launched by an MPI launcher, else exit this process at once
+        (Gloo and torch.distributed peers then fail on the closed connection)."""
+        if any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK")):
+            try:
+                from mpi4py import MPI  # noqa: PLC0415 - MPI is initialised already (Horovod/PS/DDP)
 
-            if MPI.Is_initialized() and not MPI.Is_finalized():
-                MPI.COMM_WORLD.Abort(code)
-        except Exception:
-            pass
+                if MPI.Is_initialized() and not MPI.Is_finalized():
+                    MPI.COMM_WORLD.Abort(code)
+            except Exception:
+                pass
         os._exit(code)
 
     # --- data-parallel view -----------------------------------------------------------------------
