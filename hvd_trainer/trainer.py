@@ -81,7 +81,7 @@ class Trainer:
         self.batches = ShardedBatches(train_data, cfg.batch_size, s.dp_rank, s.dp_size, cfg.seed,
                                       cfg.data.shuffle, cfg.data.drop_last)
         self.steps_per_epoch = len(self.batches) // k  # a trailing group of < k micro-batches is dropped
-        if self.steps_per_epoch == 0 and s.is_worker:
+        if self.steps_per_epoch == 0:  # same verdict on every rank, servers included
             raise ConfigError(f"batch_size: {cfg.batch_size} x accumulation {k} leaves no full step "
                               f"in a shard of {self.batches.sampler.num_samples} samples")
         model = model.to(s.device)
