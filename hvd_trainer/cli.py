@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -51,8 +52,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     rank = launcher_rank()
 
     def fail_config(err: ConfigError) -> int:
+        # Every rank reaches the same verdict; rank 0 says it once. The others leave a moment
+        # later, so a launcher that kills the job on the first non-zero exit cannot cut rank 0
+        # off before its line is out.
         if rank == 0:
             print(f"hvd-train: config error: {err}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(2.0)
         return 2
 
     try:
