@@ -46,11 +46,11 @@ class DataConfig(_Section):
     def _check(self) -> "DataConfig":
         if self.name == "npz":
             if not self.path:
-                raise _key_error("path", "data.name=npz needs data.path")
+                raise _FieldError("path", "data.name=npz needs data.path")
             if not Path(self.path).is_file():
-                raise _key_error("path", f"file not found: {self.path}")
+                raise _FieldError("path", f"file not found: {self.path}")
         if any(d < 1 for d in self.synthetic_shape) or not self.synthetic_shape:
-            raise _key_error("synthetic_shape", "expected a list of positive ints")
+            raise _FieldError("synthetic_shape", "expected a list of positive ints")
         return self
 
 
@@ -138,9 +138,9 @@ class PSConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "PSConfig":
         if self.staleness < 0:
-            raise _key_error("staleness", f"must be >= 0, got {self.staleness}")
+            raise _FieldError("staleness", f"must be >= 0, got {self.staleness}")
         if self.backup_workers < 0:
-            raise _key_error("backup_workers", f"must be >= 0, got {self.backup_workers}")
+            raise _FieldError("backup_workers", f"must be >= 0, got {self.backup_workers}")
         return self
 
 
@@ -191,12 +191,12 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.horovod.op == "adasum" and self.horovod.gradient_predivide_factor != 1.0:
-            raise _key_error("horovod.gradient_predivide_factor", "must be 1.0 with horovod.op=adasum")
+            raise _FieldError("horovod.gradient_predivide_factor", "must be 1.0 with horovod.op=adasum")
         if self.strategy == "ps" and self.optim.grad_clip > 0:
-            raise _key_error("optim.grad_clip", "not supported with strategy=ps (the averaged gradient "
+            raise _FieldError("optim.grad_clip", "not supported with strategy=ps (the averaged gradient "
                              "exists only in shards on the servers)")
         if self.horovod.op == "adasum" and self.optim.lr_scaling == "linear":
-            raise _key_error("optim.lr_scaling",
+            raise _FieldError("optim.lr_scaling",
                              "Adasum on CPU takes no linear lr scaling: use none (or sqrt)")
         return self
 
@@ -221,14 +221,12 @@ def check_world(cfg: TrainConfig, world_size: int) -> None:
             raise ConfigError(f"ps.straggler_rank: must be < world size {world_size}, got {ps.straggler_rank}")
 
 
-class _KeyError(ValueError):
+class _FieldError(ValueError):
+    """Raised inside validators; its key (relative to the section) goes into the one-line error."""
+
     def __init__(self, key: str, msg: str) -> None:
         super().__init__(f"{key}: {msg}")
         self.key, self.msg = key, msg
-
-
-def _key_error(key: str, msg: str) -> _KeyError:
-    return _KeyError(key, msg)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -270,7 +268,7 @@ def _format(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
     ctx_err = (first.get("ctx") or {}).get("error")
-    if isinstance(ctx_err, _KeyError):
+    if isinstance(ctx_err, _FieldError):
         return f"{loc + '.' if loc else ''}{ctx_err.key}: {ctx_err.msg}"
     if first["type"] == "extra_forbidden":
         return f"{loc}: unknown key"

@@ -33,7 +33,7 @@ class ShardServer:
     def __init__(self, strategy: Any, trainer: Any) -> None:
         from mpi4py import MPI
 
-        self.MPI, self.s, self.cfg = MPI, strategy, strategy.ps
+        self.MPI, self.cfg = MPI, strategy.ps
         self.comm, self.ctrl_comm, self.waiter = strategy.world, strategy.ctrl, strategy.waiter
         self.workers = list(strategy.worker_ranks)
         self.shard = strategy.shard           # nn.Parameter over this server's flat range
