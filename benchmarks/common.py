@@ -53,7 +53,9 @@ def run_job(script: str, job_args: Sequence[str], np: int, env: Optional[dict] =
     """Run ``script --job ...`` on ``np`` ranks; return rank 0's measurements."""
     from mpi_jobs import mpirun_command
 
-    cores = os.cpu_count() or 1
+    from hvd_trainer.launch_env import usable_cores
+
+    cores = usable_cores()
     cmd = mpirun_command(np, [sys.executable, script, *job_args], env=env or {},
                          bind_to=bind_to or ("core" if np <= cores else "none"))
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_")}

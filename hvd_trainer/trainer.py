@@ -265,7 +265,10 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        """Close the output and drop the model and optimizer (a DDP wrapper holds the process
+        group, which must not outlive the strategy's shutdown)."""
         self.out.close()
+        self.state = None
 
 
 def _shape_and_classes(dataset: Dataset) -> tuple[tuple[int, ...], int]:

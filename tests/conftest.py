@@ -1,7 +1,15 @@
-"""Shared fixtures: launching real multi-rank jobs with a hard timeout.
+"""Shared fixtures: launching real multi-rank jobs with a hard timeout, test tiers, and a
+guard against leftover processes.
 
-A hung job is killed (its whole process group) and reported as a failure with its output,
-so a deadlock can never stall the suite.
+- A hung job is killed (its whole process group) and reported as a failure with its output, so
+  a deadlock can never stall the suite.
+- Tiers follow the layout: ``tests/unit`` (one process, seconds), ``tests/parallel`` (mpirun,
+  horovodrun), ``tests/integration`` (SLURM daemons, hosts, containers). Each test is marked
+  with its tier: ``pytest -m unit`` or ``pytest -m "not integration"`` while developing.
+- Every process a test starts inherits a tag in its environment. A test that leaves a tagged
+  process running (a stray rank, a daemon) fails, and the process is killed; at the end of the
+  session, any process of the session still alive (a SLURM or munge daemon a fixture forgot)
+  fails the run. So a second run of the suite starts from a clean machine.
 """
 from __future__ import annotations
 
@@ -9,10 +17,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import psutil
 import pytest
 import torch
 
@@ -21,6 +32,72 @@ from mpi_jobs import mpirun_command
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "parallel" / "worker.py")
 BIN = Path(sys.executable).parent
+SESSION_VAR, TEST_VAR = "HVD_TRAINER_TEST_SESSION", "HVD_TRAINER_TEST_TAG"
+_SESSION_TAG = uuid.uuid4().hex[:12]
+os.environ[SESSION_VAR] = _SESSION_TAG  # inherited by everything the suite starts
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(REPO / "tests").parts
+        if parts[0] in ("unit", "parallel", "integration"):
+            item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+def _tagged(var: str, value: str) -> list[psutil.Process]:
+    me = os.getpid()
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == me:
+            continue
+        try:
+            if p.environ().get(var) == value and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _reap(var: str, value: str, grace: float) -> list[str]:
+    """Kill processes still tagged ``var=value`` after ``grace`` seconds; describe them."""
+    deadline = time.monotonic() + grace
+    left = _tagged(var, value)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _tagged(var, value)
+    described = []
+    for p in left:
+        try:
+            described.append(f"pid {p.pid}: {' '.join(p.cmdline())[:200]}")
+            p.kill()
+        except psutil.Error:
+            continue
+    return described
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes(request):
+    """Fails a test that leaves processes behind (after killing them)."""
+    if request.node.get_closest_marker("unit"):
+        yield
+        return
+    tag = uuid.uuid4().hex[:12]
+    os.environ[TEST_VAR] = tag
+    try:
+        yield
+    finally:
+        del os.environ[TEST_VAR]
+    left = _reap(TEST_VAR, tag, grace=10.0)
+    if left:
+        pytest.fail("left processes running (killed now):\n" + "\n".join(left))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left = _reap(SESSION_VAR, _SESSION_TAG, grace=5.0)
+    if left:
+        print("\nconftest: processes of this test session were still running (killed now):\n"
+              + "\n".join(left), file=sys.stderr)
+        session.exitstatus = 1
 
 
 @dataclass
@@ -80,7 +157,20 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def assert_same(a: dict, b: dict, exact: bool = False, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+# Equivalence across rank counts or strategies (2 ranks x b vs 1 rank x 2b, Horovod vs DDP, PS vs
+# allreduce) holds up to float32 rounding: the two runs sum the same numbers in another order.
+# That difference is ~1e-8 per SGD step here (measured: 1.2e-7 after 10 steps, 6e-7 after 40 on
+# the ResNet, 1.8e-7 after 60 on the MLP) and grows linearly, until the dynamics start to amplify
+# it: on another CPU the ResNet's gap stayed ~1e-6 for 60 steps, then grew ~500x every 4 steps.
+# So equivalence runs stop at EQUIV_STEPS optimizer steps, well inside that horizon, and compare
+# with EQUIV_ATOL: > 15x the rounding expected there on any CPU, while a real bug (a rank left out
+# of the average, a wrong lr or clip) moves the weights by 1e-3 or more within a few steps.
+EQUIV_STEPS = 40
+EQUIV_ATOL = 1e-5
+EQUIV_RTOL = 1e-4
+
+
+def assert_same(a: dict, b: dict, exact: bool = False, rtol: float = EQUIV_RTOL, atol: float = EQUIV_ATOL) -> None:
     assert a.keys() == b.keys()
     for name in a:
         if exact:

@@ -167,4 +167,5 @@ def torch_load_bytes(data: bytes) -> Any:
 
 
 def threads_per_rank(requested: int, local_size: int) -> int:
-    return requested if requested > 0 else max(1, (os.cpu_count() or 1) // max(1, local_size))
+    from ..launch_env import usable_cores
+    return requested if requested > 0 else max(1, usable_cores() // max(1, local_size))

@@ -5,6 +5,7 @@ picks a port and tells the others) or from torchrun's RANK/WORLD_SIZE/MASTER_ADD
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from datetime import timedelta
@@ -66,8 +67,16 @@ class DDPStrategy(Strategy):
         torch.set_num_threads(threads_per_rank(self.threads, self.local_size))
 
     def shutdown(self) -> None:
+        # A rank that leaves while a peer still talks to it, or a process group whose last
+        # reference (held by the DDP wrapper) dies only at interpreter exit, ends a healthy job
+        # with "terminate called without an active exception" (rc 134): gloo's threads are torn
+        # down with the interpreter. So: every rank has finished (barrier), the trainer has
+        # dropped its DDP wrapper (train() closes it first), the group is destroyed, and what
+        # referenced it is collected while the interpreter is whole.
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
+        gc.collect()
 
     def prepare(self, model, optimizer, accumulation_steps):
         ids = [self.local_rank] if self.device.type == "cuda" else None

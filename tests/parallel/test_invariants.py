@@ -4,12 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_same, train_params
+from conftest import EQUIV_STEPS, assert_same, train_params
 
 # Plain-SGD MLP on the digits set; lr scaling off so different rank counts use the same lr.
 MLP = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "optim.name=sgd", "optim.lr=0.05",
        "optim.momentum=0.9", "optim.lr_scaling=none", "epochs=2", "checkpoint.every_epochs=0",
        "checkpoint.resume=never"]
+# comparisons across rank counts or strategies stop inside the rounding horizon (conftest)
+MLP_SHORT = MLP + [f"max_steps={EQUIV_STEPS}"]
 
 
 @pytest.mark.parametrize("np", [2, 3])
@@ -22,31 +24,32 @@ def test_parameters_identical_on_every_rank(tmp_path, np):
 
 @pytest.mark.parametrize("strategy", ["horovod", "ddp"])
 def test_two_ranks_at_b_equal_one_rank_at_2b(tmp_path, strategy):
-    two = train_params(2, tmp_path / "two", MLP + [f"strategy={strategy}", "batch_size=8"])[0]
-    one = train_params(1, tmp_path / "one", MLP + [f"strategy={strategy}", "batch_size=16"])[0]
+    two = train_params(2, tmp_path / "two", MLP_SHORT + [f"strategy={strategy}", "batch_size=8"])[0]
+    one = train_params(1, tmp_path / "one", MLP_SHORT + [f"strategy={strategy}", "batch_size=16"])[0]
     assert_same(two, one)
 
 
 def test_clipping_uses_the_averaged_gradient(tmp_path):
     # a tight clip is active every step; it must see the global gradient, not each rank's
-    clip = MLP + ["optim.grad_clip=0.05"]
+    clip = MLP_SHORT + ["optim.grad_clip=0.05"]
     two = train_params(2, tmp_path / "two", clip + ["batch_size=8"])[0]
     one = train_params(1, tmp_path / "one", clip + ["batch_size=16"])[0]
-    unclipped = train_params(1, tmp_path / "free", MLP + ["batch_size=16"])[0]
+    unclipped = train_params(1, tmp_path / "free", MLP_SHORT + ["batch_size=16"])[0]
     assert_same(two, one)
     assert not torch.allclose(one["net.1.weight"], unclipped["net.1.weight"], atol=1e-3)
 
 
 @pytest.mark.parametrize("np,b,k", [(1, 8, 4), (2, 8, 2)])
 def test_accumulation_of_k_micro_batches_equals_one_big_batch(tmp_path, np, b, k):
-    accumulated = train_params(np, tmp_path / "acc", MLP + [f"batch_size={b}", f"optim.accumulation_steps={k}"])[0]
-    big = train_params(1, tmp_path / "big", MLP + [f"batch_size={b * k * np}"])[0]
+    accumulated = train_params(np, tmp_path / "acc", MLP_SHORT + [f"batch_size={b}", f"optim.accumulation_steps={k}"])[0]
+    big = train_params(1, tmp_path / "big", MLP_SHORT + [f"batch_size={b * k * np}"])[0]
     assert_same(accumulated, big)
 
 
 def test_fp16_compression_close_to_fp32(tmp_path):
-    fp32 = train_params(2, tmp_path / "fp32", MLP + ["epochs=1"])[0]
-    fp16 = train_params(2, tmp_path / "fp16", MLP + ["epochs=1", "horovod.compression=fp16"])[0]
+    # fp16 rounds each gradient to ~5e-4 relative: ~lr * 5e-4 per step, ~1e-3 after EQUIV_STEPS
+    fp32 = train_params(2, tmp_path / "fp32", MLP_SHORT)[0]
+    fp16 = train_params(2, tmp_path / "fp16", MLP_SHORT + ["horovod.compression=fp16"])[0]
     assert_same(fp16, fp32, rtol=0, atol=5e-3)
     assert any(not torch.equal(fp16[k], fp32[k]) for k in fp32), "fp16 compression had no effect"
 
@@ -81,19 +84,22 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path, strategy):
 
 @pytest.mark.parametrize("strategy", ["horovod", "ddp"])
 def test_sync_batchnorm_two_ranks_equal_one_rank_double_batch(tmp_path, strategy):
+    # SGD at lr 0.05 on this ResNet amplifies rounding after ~60 steps on some CPUs (see
+    # conftest): compare after EQUIV_STEPS, where the gap is ~1e-8 per step
     cnn = ["data.name=digits", "model.name=resnet", "model.channels=[8,16]", "model.sync_batchnorm=true",
            "optim.lr=0.05", "optim.lr_scaling=none", "epochs=1", "checkpoint.every_epochs=0",
-           "checkpoint.resume=never", f"strategy={strategy}"]
+           "checkpoint.resume=never", f"max_steps={EQUIV_STEPS}", f"strategy={strategy}"]
     two = train_params(2, tmp_path / "two", cnn + ["batch_size=8"])
     one = train_params(1, tmp_path / "one", cnn + ["batch_size=16"])[0]
-    assert_same(two[0], one, rtol=1e-4, atol=1e-5)
-    # running statistics are global too, so both replicas agree without any broadcast
-    assert_same(two[0], two[1], rtol=1e-6, atol=1e-7)
+    assert_same(two[0], one)
+    # running statistics are global too, so both replicas agree without any broadcast: the same
+    # allreduced sums enter the same arithmetic on both ranks
+    assert_same(two[0], two[1], exact=True)
 
 
 def test_horovod_and_ddp_agree(tmp_path):
-    hvd = train_params(2, tmp_path / "hvd", MLP + ["strategy=horovod"])[0]
-    ddp = train_params(2, tmp_path / "ddp", MLP + ["strategy=ddp"])[0]
+    hvd = train_params(2, tmp_path / "hvd", MLP_SHORT + ["strategy=horovod"])[0]
+    ddp = train_params(2, tmp_path / "ddp", MLP_SHORT + ["strategy=ddp"])[0]
     assert_same(hvd, ddp)
 
 

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from conftest import BIN, WORKER, assert_same, mpirun, summary, train_params
+from conftest import BIN, EQUIV_STEPS, WORKER, assert_same, mpirun, summary, train_params
 from mpi_jobs import mpirun_command
 
 SGD = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "optim.name=sgd", "optim.lr=0.05",
@@ -21,8 +21,9 @@ SGD = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "optim.name=sg
 @pytest.mark.parametrize("np,servers", [(3, 1), (4, 2), (4, 1)])
 def test_sync_ps_equals_allreduce_with_the_same_workers(tmp_path, np, servers):
     workers = np - servers
-    ps = train_params(np, tmp_path / "ps", SGD + ["strategy=ps", f"ps.num_servers={servers}"])
-    ring = train_params(workers, tmp_path / "ring", SGD + ["strategy=horovod"])[0]
+    short = SGD + [f"max_steps={EQUIV_STEPS}"]  # inside the rounding horizon (conftest)
+    ps = train_params(np, tmp_path / "ps", short + ["strategy=ps", f"ps.num_servers={servers}"])
+    ring = train_params(workers, tmp_path / "ring", short + ["strategy=horovod"])[0]
     assert len(ps) == workers
     for replica in ps[1:]:
         assert_same(ps[0], replica, exact=True)  # every worker pulled the same parameters

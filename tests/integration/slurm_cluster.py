@@ -40,7 +40,10 @@ class SlurmCluster:
             ["munged", "-F", "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
              f"--pid-file={r / 'munge' / 'munged.pid'}", f"--log-file={r / 'log' / 'munged.log'}",
              f"--seed-file={r / 'munge' / 'seed'}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        cpus = os.cpu_count() or 1
+        # The node's CPUs are what the tests ask for (2 tasks), not what slurmd detects: under
+        # taskset or a cgroup it may see a single core, and a node with fewer CPUs than
+        # configured is drained. config_overrides makes slurmd trust the configuration.
+        cpus = max(2, os.cpu_count() or 1)
         mem_mb = max(1024, int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 / 2))
         self.conf.write_text("\n".join([
             "ClusterName=hvdtest", f"SlurmctldHost={self.host}(127.0.0.1)",
@@ -52,7 +55,7 @@ class SlurmCluster:
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "MpiDefault=pmix",
-            "ReturnToService=2", "SchedulerType=sched/builtin",
+            "ReturnToService=2", "SchedulerType=sched/builtin", "SlurmdParameters=config_overrides",
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN",
             f"PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES",
         ]) + "\n")
