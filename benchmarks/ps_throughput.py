@@ -88,7 +88,8 @@ def job_naive(steps: int, blocks: int) -> list[float]:
 def job_trainer(steps: int, blocks: int, run_dir: str, overrides: list[str]) -> list[float]:
     from torch.utils.data import TensorDataset
 
-    from hvd_trainer import Trainer, load_config
+    from hvd_trainer import load_config, train
+    from hvd_trainer.launch_env import launcher_rank
 
     model, x, y = _model_and_batch()
     cfg = load_config(None, [
@@ -99,11 +100,8 @@ def job_trainer(steps: int, blocks: int, run_dir: str, overrides: list[str]) -> 
     from mpi4py import MPI
     workers = MPI.COMM_WORLD.Get_size() - cfg.ps.num_servers
     data = TensorDataset(x.repeat(steps * workers, 1, 1, 1), y.repeat(steps * workers))
-    trainer = Trainer(cfg, model=model, train_data=data, test_data=TensorDataset(x[:4], y[:4]))
-    trainer.fit()
-    trainer.close()
-    trainer.strategy.shutdown()
-    if trainer.strategy.rank != 0:
+    train(cfg, model=model, train_data=data, test_data=TensorDataset(x[:4], y[:4]))
+    if launcher_rank() != 0:
         return []
     return epoch_throughputs(run_dir)
 

@@ -90,7 +90,8 @@ def job_ddp(steps: int, blocks: int) -> list[float]:
 def job_trainer(steps: int, blocks: int, run_dir: str) -> list[float]:
     from torch.utils.data import TensorDataset
 
-    from hvd_trainer import Trainer, load_config
+    from hvd_trainer import load_config, train
+    from hvd_trainer.launch_env import launcher_rank
 
     _, x, y = _model_and_batch()
     world = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
@@ -101,10 +102,8 @@ def job_trainer(steps: int, blocks: int, run_dir: str) -> list[float]:
         "optim.lr=0.01", "optim.momentum=0.9", f"batch_size={BATCH}", f"epochs={blocks + 1}",
         "data.shuffle=false", "checkpoint.every_epochs=0", "checkpoint.resume=never",
         "runtime.progress=false", "runtime.threads=1", f"run_dir={run_dir}"])
-    trainer = Trainer(cfg, train_data=TensorDataset(xs, ys), test_data=TensorDataset(x[:4], y[:4]))
-    trainer.fit()
-    trainer.close()
-    if trainer.strategy.rank != 0:
+    train(cfg, train_data=TensorDataset(xs, ys), test_data=TensorDataset(x[:4], y[:4]))
+    if launcher_rank() != 0:
         return []
     return epoch_throughputs(run_dir)
 
@@ -137,13 +136,14 @@ def main() -> None:
         emit(fn(args.steps, args.blocks) if fn else job_trainer(args.steps, args.blocks, args.run_dir))
         return
 
-    from hvd_trainer.strategies.horovod import trainer_mpi_env, DEFAULT_CYCLE_TIME_MS
+    from hvd_trainer.launch_env import MPI_RUNTIME_DEFAULTS
+    from hvd_trainer.strategies.horovod import DEFAULT_CYCLE_TIME_MS
 
     one = {"OMP_NUM_THREADS": "1"}
     # Horovod 0.28.1's and Open MPI's built-in defaults, made explicit (the trainer's own
     # defaults only apply where the environment says nothing)
     stock = {"HOROVOD_CYCLE_TIME": "1", "OMPI_MCA_mpi_yield_when_idle": "0", **one}
-    ours = {"HOROVOD_CYCLE_TIME": f"{DEFAULT_CYCLE_TIME_MS:g}", **trainer_mpi_env(), **one}
+    ours = {"HOROVOD_CYCLE_TIME": f"{DEFAULT_CYCLE_TIME_MS:g}", **MPI_RUNTIME_DEFAULTS, **one}
     variants = {
         "trainer/stock": ("trainer", stock),
         "hand/stock": ("hand", stock),
@@ -154,7 +154,7 @@ def main() -> None:
     if args.sweep:
         for ct in ("1", "2", "10", "20"):
             variants[f"hand/cycle={ct}ms"] = ("hand", {"HOROVOD_CYCLE_TIME": ct, **one})
-            variants[f"hand/cycle={ct}ms+yield"] = ("hand", {"HOROVOD_CYCLE_TIME": ct, **trainer_mpi_env(), **one})
+            variants[f"hand/cycle={ct}ms+yield"] = ("hand", {"HOROVOD_CYCLE_TIME": ct, **MPI_RUNTIME_DEFAULTS, **one})
 
     def run(name, spec):
         kind, env = spec

@@ -1,26 +1,78 @@
-"""Atomic, weights-only checkpoints in ``run_dir/checkpoints``.
+"""Atomic, weights-only checkpoints in ``run_dir/checkpoints``, and what one must hold.
 
 Write: serialize to memory, write a temp file in the same directory, fsync, rename over the
 final name, fsync the directory; then prune to the newest ``keep``. A crash at any point leaves
 either the old set or the new file complete, never a torn file under a final name.
-Read: ``torch.load(weights_only=True)`` only (no arbitrary unpickling); a file that fails to
-load or lacks the required keys is skipped in favour of the next newest.
+Read: ``torch.load(weights_only=True)`` only (no arbitrary unpickling). A file that fails to load
+or does not match :data:`SCHEMA` is skipped in favour of the next newest, and the skip is
+reported with the file and the reason; when files exist but none is usable the caller is told,
+so a damaged run never restarts from step 0 in silence.
+
+:data:`SCHEMA` is the one definition of a checkpoint: ``TrainState.state_dict()`` writes exactly
+these keys and :func:`validate` checks them.
 """
 from __future__ import annotations
 
 import io
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from .strategies.base import torch_load_bytes
-
 FORMAT = 1
-REQUIRED = ("format", "model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "rng", "config")
+# key -> type of its value. "model"/"optimizer" come from the strategy (a parameter server's
+# optimizer state is its servers' shards), the rest from TrainState.
+SCHEMA: dict[str, type] = {
+    "format": int,
+    "model": dict,            # the unwrapped model's state_dict (rank 0's BatchNorm buffers)
+    "optimizer": dict,        # the optimizer's state_dict, or the servers' shards for strategy=ps
+    "scheduler": dict,        # LambdaLR state (the step count the lr schedule is at)
+    "step": int,              # optimizer steps taken
+    "epoch": int,             # completed epochs
+    "batch_in_epoch": int,    # micro-batches consumed in the current epoch
+    "rng": list,              # every training rank's random streams, in dp_rank order
+    "config": dict,           # the run's full config
+    "world_size": int,        # ranks of the run that wrote it
+    "strategy": str,          # strategy of the run that wrote it
+}
 _NAME = re.compile(r"^ckpt-step(\d{9})\.pt$")
+
+
+def torch_load_bytes(data: bytes) -> Any:
+    """Weights-only load (no arbitrary unpickling) of checkpoint bytes."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def validate(payload: Any) -> Optional[str]:
+    """Why ``payload`` is not a checkpoint of this format (None when it is)."""
+    if not isinstance(payload, dict):
+        return f"not a mapping but {type(payload).__name__}"
+    missing = [k for k in SCHEMA if k not in payload]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for key, kind in SCHEMA.items():
+        if not isinstance(payload[key], kind) or (kind is int and isinstance(payload[key], bool)):
+            return f"{key} is {type(payload[key]).__name__}, expected {kind.__name__}"
+    if payload["format"] != FORMAT:
+        return f"format {payload['format']}, this version reads {FORMAT}"
+    return None
+
+
+@dataclass
+class Found:
+    """The outcome of looking for a checkpoint to resume from."""
+
+    path: Optional[Path] = None
+    data: Optional[bytes] = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), newest first
+
+    @property
+    def unusable(self) -> bool:
+        """Checkpoints exist, and none of them can be used."""
+        return self.data is None and bool(self.skipped)
 
 
 class Checkpointer:
@@ -34,8 +86,10 @@ class Checkpointer:
         return self.dir / f"ckpt-step{step:09d}.pt"
 
     def save(self, payload: dict[str, Any]) -> Path:
+        reason = validate(payload)
+        if reason:  # a bug in the writer: never put an unreadable file under a final name
+            raise ValueError(f"refusing to write an invalid checkpoint: {reason}")
         self.dir.mkdir(parents=True, exist_ok=True)
-        payload = {"format": FORMAT, **payload}
         buf = io.BytesIO()
         torch.save(payload, buf)
         final = self.path_for(int(payload["step"]))
@@ -64,17 +118,21 @@ class Checkpointer:
         for old in self.list()[self.keep:]:
             old.unlink(missing_ok=True)
 
-    def newest_valid(self) -> Optional[tuple[Path, bytes]]:
-        """(path, bytes) of the newest checkpoint that loads and has every required key."""
+    def find(self) -> Found:
+        """The newest checkpoint that loads and matches the schema, and every newer one skipped
+        on the way with the reason."""
+        found = Found()
         for path in self.list():
-            data = path.read_bytes()
             try:
-                payload = torch_load_bytes(data)
-            except Exception:
-                continue
-            if isinstance(payload, dict) and all(k in payload for k in REQUIRED) and payload["format"] == FORMAT:
-                return path, data
-        return None
+                data = path.read_bytes()
+                reason = validate(torch_load_bytes(data))
+            except Exception as err:  # noqa: BLE001 - torn, truncated, or a refused pickle
+                reason = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            if reason is None:
+                found.path, found.data = path, data
+                return found
+            found.skipped.append((str(path), reason))
+        return found
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

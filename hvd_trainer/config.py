@@ -204,23 +204,6 @@ class TrainConfig(_Section):
         return self.model_dump(mode="python")
 
 
-def check_world(cfg: TrainConfig, world_size: int) -> None:
-    """Checks that need the world size; pure, so every rank raises the same error at once."""
-    if cfg.strategy == "horovod" and cfg.horovod.op == "adasum" and world_size & (world_size - 1):
-        raise ConfigError(f"horovod.op: adasum needs a power-of-two number of ranks, got {world_size}")
-    if cfg.strategy == "ps":
-        ps = cfg.ps
-        if ps.num_servers > world_size - 1:
-            raise ConfigError(f"ps.num_servers: at most world size - 1 = {world_size - 1}, got {ps.num_servers}")
-        workers = world_size - ps.num_servers
-        if ps.backup_workers >= workers:
-            raise ConfigError(f"ps.backup_workers: must be < number of workers ({workers}), got {ps.backup_workers}")
-        if ps.backup_workers and ps.mode != "sync":
-            raise ConfigError("ps.backup_workers: only with ps.mode=sync")
-        if ps.straggler_rank >= world_size:
-            raise ConfigError(f"ps.straggler_rank: must be < world size {world_size}, got {ps.straggler_rank}")
-
-
 class _FieldError(ValueError):
     """Raised inside validators; its key (relative to the section) goes into the one-line error."""
 

@@ -25,13 +25,14 @@ class Output:
             self._log = open(self.run_dir / f"rank{rank}.log", "a", buffering=1)
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1) if self.is_main else None
 
-    def info(self, msg: str) -> None:
-        """Rank 0 prints; every rank with a log file records it."""
+    def print(self, msg: str) -> None:
+        """Rank 0 prints (above the progress bar); every rank with a log file records it."""
         if self.is_main:
             tqdm.write(msg, file=sys.stdout)
-        self.log(msg)
+        self.log_rank(msg)
 
-    def log(self, msg: str) -> None:
+    def log_rank(self, msg: str) -> None:
+        """Only into this rank's own log file (``runtime.log_every_rank``), if it has one."""
         if self._log is not None:
             self._log.write(f"{time.strftime('%H:%M:%S')} rank{self.rank} {msg}\n")
 

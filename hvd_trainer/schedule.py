@@ -1,30 +1,32 @@
-"""Learning-rate scaling with the number of data-parallel ranks, warmup, and a schedule."""
+"""Learning-rate scaling with the number of ranks averaged into a step, warmup, and a schedule."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
 from .config import OptimConfig
 
 
-def lr_scale(rule: str, dp_size: int) -> float:
-    return {"linear": float(dp_size), "sqrt": math.sqrt(dp_size), "none": 1.0}[rule]
+def lr_scale(rule: str, lr_ranks: int) -> float:
+    return {"linear": float(lr_ranks), "sqrt": math.sqrt(lr_ranks), "none": 1.0}[rule]
 
 
-def build_optimizer(params, cfg: OptimConfig, dp_size: int) -> torch.optim.Optimizer:
-    lr = cfg.lr * lr_scale(cfg.lr_scaling, dp_size)
+def build_optimizer(params, cfg: OptimConfig, lr_ranks: int) -> torch.optim.Optimizer:
+    """The optimizer at the scaled lr; ``lr_ranks``: the ranks whose gradients one step averages."""
+    lr = cfg.lr * lr_scale(cfg.lr_scaling, lr_ranks)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
     return cls(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, dp_size: int,
-                    steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-optimizer-step multiplier of the scaled lr: warm up from the unscaled lr (Goyal et
-    al.), then constant, cosine to zero, or step decay at ``step_epochs``."""
-    scale = lr_scale(cfg.lr_scaling, dp_size)
+def lr_factor(cfg: OptimConfig, lr_ranks: int, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+    """Multiplier of the scaled lr at optimizer step ``step`` (0-based): warm up from the unscaled
+    lr (Goyal et al.), then constant, cosine to zero, or step decay at ``step_epochs``. Pure, so
+    a parameter server computes the same lr as the workers' scheduler."""
+    scale = lr_scale(cfg.lr_scaling, lr_ranks)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     total = max(1, epochs * steps_per_epoch)
     milestones = [e * steps_per_epoch for e in cfg.step_epochs]
@@ -39,4 +41,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, dp_size:
             return cfg.gamma ** sum(step >= m for m in milestones)
         return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, lr_ranks: int,
+                    steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-optimizer-step schedule of :func:`lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, lr_ranks, steps_per_epoch, epochs))

@@ -54,6 +54,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     p.add_argument("--sbatch", metavar="FILE", help="write a SLURM batch script (srun or --launcher mpirun) to FILE")
     p.add_argument("--time", default="01:00:00", help="--sbatch: wall-clock limit")
+    p.add_argument("--no-requeue", action="store_true",
+                   help="--sbatch: do not ask SLURM to requeue the job after preemption or node failure")
     p.add_argument("program", nargs=argparse.REMAINDER, help="-- program and its arguments")
     args = p.parse_args(argv)
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
@@ -62,9 +64,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.sbatch:
         from .slurm import BatchJob
 
-        job = BatchJob(program=program, ntasks=args.np, nodes=args.nodes, time=args.time,
-                       launcher="mpirun" if args.launcher == "mpirun" else "srun",
-                       requeue_on_preempt=True)
+        if args.launcher == "horovodrun" or args.gloo or args.network_interfaces or args.tcp_subnet:
+            p.error("--sbatch writes srun or mpirun jobs: --launcher horovodrun, --gloo, "
+                    "--network-interfaces and --tcp-subnet do not apply")
+        launcher = "mpirun" if args.launcher == "mpirun" else "srun"
+        if args.map_by and launcher != "mpirun":
+            p.error("--map-by is an mpirun option: add --launcher mpirun")
+        hosts = list(_hosts(args.hosts) or {})
+        job = BatchJob(program=program, ntasks=args.np, nodes=args.nodes or (len(hosts) or None),
+                       time=args.time, launcher=launcher, nodelist=hosts, map_by=args.map_by,
+                       requeue_on_preempt=not args.no_requeue)
+        if args.dry_run:
+            sys.stdout.write(job.script())
+            return 0
         with open(args.sbatch, "w") as f:
             f.write(job.script())
         print(f"wrote {args.sbatch}: sbatch {args.sbatch}", file=sys.stderr)

@@ -23,6 +23,8 @@ class BatchJob:
     output: Optional[str] = None
     partition: Optional[str] = None
     launcher: str = "srun"  # "srun" (PMIx, no mpirun) or "mpirun" (inside the allocation)
+    nodelist: Sequence[str] = ()  # --nodelist: run on exactly these nodes
+    map_by: Optional[str] = None  # mpirun --map-by (launcher="mpirun" only)
     env: dict = field(default_factory=dict)
     setup: Sequence[Sequence[str]] = ()  # commands before the launch, e.g. [["module", "load", "openmpi"]]
     requeue_on_preempt: bool = False
@@ -34,6 +36,8 @@ class BatchJob:
             lines.append(f"#SBATCH --nodes={self.nodes}")
         if self.output:
             lines.append(f"#SBATCH --output={self.output}")
+        if self.nodelist:
+            lines.append(f"#SBATCH --nodelist={','.join(self.nodelist)}")
         if self.partition:
             lines.append(f"#SBATCH --partition={self.partition}")
         if self.requeue_on_preempt:
@@ -47,11 +51,14 @@ class BatchJob:
 
     def launch_command(self) -> list[str]:
         if self.launcher == "srun":
+            if self.map_by:
+                raise ValueError("map_by is an mpirun option: use launcher='mpirun'")
             from .commands import srun_command
             return srun_command(self.ntasks, self.program, cpus_per_task=self.cpus_per_task)
         if self.launcher == "mpirun":
             # inside an allocation Open MPI reads the hosts and slots from SLURM itself
             from .commands import mpirun_command
             # (the local core count says nothing about the allocation: no oversubscription guess)
-            return mpirun_command(self.ntasks, self.program, oversubscribe=False, yield_when_idle=False)
+            return mpirun_command(self.ntasks, self.program, oversubscribe=False, yield_when_idle=False,
+                                  map_by=self.map_by)
         raise ValueError(f"launcher must be srun or mpirun, got {self.launcher!r}")

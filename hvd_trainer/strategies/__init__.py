@@ -5,13 +5,20 @@ from ..config import TrainConfig
 from .base import Strategy
 
 
-def make_strategy(cfg: TrainConfig) -> Strategy:
-    """The strategy named by ``cfg.strategy`` (imports only what that strategy needs)."""
-    if cfg.strategy == "horovod":
+def strategy_class(name: str) -> type[Strategy]:
+    """The class of strategy ``name`` (imports only what that strategy needs)."""
+    if name == "horovod":
         from .horovod import HorovodStrategy
-        return HorovodStrategy(cfg.horovod, cfg.runtime.threads)
-    if cfg.strategy == "ddp":
+        return HorovodStrategy
+    if name == "ddp":
         from .ddp import DDPStrategy
-        return DDPStrategy(cfg.ddp, cfg.runtime.threads)
-    from .ps import ParameterServerStrategy
-    return ParameterServerStrategy(cfg)
+        return DDPStrategy
+    if name == "ps":
+        from .ps import ParameterServerStrategy
+        return ParameterServerStrategy
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def make_strategy(cfg: TrainConfig) -> Strategy:
+    """The strategy ``cfg.strategy``, not yet initialised (call ``init()``)."""
+    return strategy_class(cfg.strategy)(cfg)

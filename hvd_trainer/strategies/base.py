@@ -1,26 +1,43 @@
 """The one interface every gradient-exchange strategy implements.
 
 The training loop talks only to this interface, so Horovod ring-allreduce, torch DDP and the
-mpi4py parameter server run under the same loop, metrics and checkpoints. Every method is a
-collective over the ranks named in its docstring unless it says otherwise: all those ranks must
-call it, in the same order, with tensors of the same shape, or the job deadlocks.
+mpi4py parameter server run under the same loop, metrics and checkpoints. Names follow
+Horovod's grid where it has one (``allreduce``, ``allgather_object``, ``broadcast_object``,
+``broadcast_parameters``, ``broadcast_optimizer_state``; ``rank``/``size``/``local_rank``/
+``local_size``).
+
+Who calls what: ``init``, ``check``, ``role`` and ``shutdown`` are called by every rank of the
+job. A rank whose ``role()`` returns a duty (a parameter server) runs it and nothing else; the
+other ranks are the *training ranks* and call the rest. Every method marked *collective* must be
+called by all training ranks, in the same order, with tensors of the same shape and dtype, or
+the job deadlocks.
 """
 from __future__ import annotations
 
 import contextlib
-import io
-import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..config import ConfigError, TrainConfig
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """How training is cut into steps, as the loop computed it (the same on every rank)."""
+
+    accumulation_steps: int  # micro-batches per optimizer step
+    steps_per_epoch: int     # optimizer steps per epoch
+    epochs: int
+
+
 class Strategy(ABC):
-    """Base class. Subclasses set ``rank``/``size``/``local_rank``/``local_size`` in ``init``."""
+    """Base class: ``Strategy(cfg)``; ``init()`` sets ``rank``/``size``/``local_rank``/``local_size``."""
 
     name: str = "base"
     rank: int = 0
@@ -29,43 +46,37 @@ class Strategy(ABC):
     local_size: int = 1
     device: torch.device = torch.device("cpu")
 
-    # --- lifecycle (all ranks) ------------------------------------------------------------------
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    # --- lifecycle (every rank) --------------------------------------------------------------------
     @abstractmethod
     def init(self) -> None:
-        """Start communication. Sets rank, size, local_rank, local_size."""
+        """Start communication; learn rank, size, local_rank, local_size."""
 
-    def shutdown(self) -> None:
-        """Tear communication down (all ranks, at the end of a successful run)."""
+    @classmethod
+    def check(cls, cfg: TrainConfig, world_size: int) -> None:
+        """Raise :class:`ConfigError` for a config this strategy cannot run on ``world_size``
+        ranks. Pure: every rank reaches the same verdict before any collective of training."""
 
-    def abort(self, code: int = 1) -> None:
-        """Bring every rank of the job down after a failure on this rank (any one rank).
+    def role(self) -> Optional[Callable[[], None]]:
+        """This rank's duty when it is not a training rank (a parameter server), else None.
+        Every rank calls it once, after ``check``."""
+        return None
 
-        Default: MPI_Abort when launched by an MPI launcher, else exit this process at once
-        (Gloo and torch.distributed peers then fail on the closed connection)."""
-        if any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK")):
-            try:
-                from mpi4py import MPI  # noqa: PLC0415 - MPI is initialised already (Horovod/PS/DDP)
+    def shutdown(self, reason: Optional[str] = None) -> None:
+        """Tear communication down (every rank, once). ``reason``: why training did not run (a
+        config error every training rank raised), for ranks that wait on the training ranks."""
 
-                if MPI.Is_initialized() and not MPI.Is_finalized():
-                    MPI.COMM_WORLD.Abort(code)
-            except Exception:
-                pass
-        os._exit(code)
-
-    # --- data-parallel view -----------------------------------------------------------------------
-    @property
-    def is_worker(self) -> bool:
-        """Whether this rank trains on data (False only for parameter-server ranks)."""
-        return True
-
+    # --- data-parallel view ------------------------------------------------------------------------
     @property
     def dp_rank(self) -> int:
-        """Index of this rank among the data-parallel (worker) ranks."""
+        """Index of this rank among the training ranks."""
         return self.rank
 
     @property
     def dp_size(self) -> int:
-        """Number of data-parallel (worker) ranks."""
+        """Number of training ranks."""
         return self.size
 
     @property
@@ -73,73 +84,83 @@ class Strategy(ABC):
         """The rank count the lr scaling rule applies to (the ranks averaged into one step)."""
         return self.dp_size
 
-    def end_training(self) -> None:
-        """Called by every rank after the last step, before the summary."""
-
-    def serve(self, trainer: Any) -> None:
-        """Run a non-worker rank's duty until the workers finish (parameter servers only)."""
-        raise NotImplementedError(f"{self.name}: every rank is a worker")
-
-    # --- model and step (worker ranks) ----------------------------------------------------------------
+    # --- model and step (training ranks) -------------------------------------------------------------
     @abstractmethod
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                accumulation_steps: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Wrap the model/optimizer for this strategy (worker ranks, once, before training)."""
+                plan: StepPlan) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap the model/optimizer for this strategy (once, before training)."""
 
     def sync_batchnorm(self, model: nn.Module) -> nn.Module:
-        """The model with BatchNorm layers that normalize over all workers' batches."""
-        from ..config import ConfigError
+        """The model with BatchNorm layers that normalize over all training ranks' batches."""
         raise ConfigError(f"model.sync_batchnorm: not supported by strategy {self.name}")
 
     @abstractmethod
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                    loss_fn: LossFn, grad_clip: float) -> torch.Tensor:
-        """One optimizer step over ``micro_batches`` (worker ranks). Each micro-batch's loss is
-        divided by their number, so k micro-batches of b equal one batch of k*b. Returns the
-        local mean loss, detached."""
+        """One optimizer step over ``micro_batches`` (collective). Each micro-batch's loss is
+        weighted by its share of the samples, so k micro-batches of b equal one batch of k*b.
+        Returns the local mean loss, detached."""
+
+    # --- state (collective) ----------------------------------------------------------------------------
+    @abstractmethod
+    def broadcast_parameters(self, model: nn.Module) -> None:
+        """Make parameters and buffers equal to rank 0's."""
 
     @abstractmethod
-    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Make parameters, buffers and optimizer state equal to rank 0's (worker ranks)."""
+    def broadcast_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make the optimizer state equal to rank 0's (a fresh optimizer has none: no-op)."""
 
     @abstractmethod
-    def sync_buffers(self, model: nn.Module) -> None:
-        """Copy rank 0's buffers (BatchNorm statistics) to every worker (worker ranks)."""
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Copy rank 0's buffers (BatchNorm statistics) to every training rank."""
 
-    # --- small collectives (worker ranks) ------------------------------------------------------------
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The ``model`` and ``optimizer`` entries of a checkpoint (collective)."""
+        return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
+
+    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` wrote (every training rank, the same payload). Raises
+        :class:`ConfigError` when it does not fit this run's model or strategy."""
+        try:
+            unwrap(model).load_state_dict(payload["model"])
+            optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"checkpoint: written for another model or optimizer ({first})") from None
+
+    # --- small collectives (training ranks) ------------------------------------------------------------
     @abstractmethod
-    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum of ``tensor`` over worker ranks (float64 recommended for counters)."""
+    def allreduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """``op`` ("sum" or "average") of ``tensor`` over the training ranks; a new tensor."""
 
     @abstractmethod
     def allgather_object(self, obj: Any) -> list[Any]:
-        """Every worker's ``obj``, in dp_rank order (small objects only)."""
+        """Every training rank's ``obj`` (picklable, small), in dp_rank order."""
 
     @abstractmethod
-    def broadcast_bytes(self, data: Optional[bytes]) -> bytes:
-        """Rank 0's ``data`` on every worker (others pass None)."""
+    def broadcast_object(self, obj: Any, root_rank: int = 0) -> Any:
+        """``root_rank``'s ``obj`` (picklable) on every training rank; the others pass anything."""
 
-    # --- checkpoint payload (worker ranks) ------------------------------------------------------------
-    def checkpoint_payload(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Model and optimizer state as they must be saved (a PS gathers them from its servers)."""
-        return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
-
-    def load_payload(self, model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict[str, Any]) -> None:
-        unwrap(model).load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-
+    # --- reporting ---------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         """Effective communication settings, recorded in summary.json."""
         return {}
 
     def counters(self) -> dict[str, Any]:
-        """Extra counters for summary.json (collective over worker ranks)."""
+        """Extra counters for summary.json (collective, after the last step)."""
         return {}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
+
+
+def average_op(op: str) -> bool:
+    """Whether ``op`` names the average (else the sum); anything else is a programming error."""
+    if op not in ("sum", "average"):
+        raise ValueError(f"op must be 'sum' or 'average', got {op!r}")
+    return op == "average"
 
 
 def mean_loss_step(model: nn.Module, micro_batches, loss_fn: LossFn,
@@ -159,11 +180,6 @@ def mean_loss_step(model: nn.Module, micro_batches, loss_fn: LossFn,
             loss.backward()
         total += loss.detach()
     return total
-
-
-def torch_load_bytes(data: bytes) -> Any:
-    """Weights-only load (no arbitrary unpickling) of checkpoint bytes."""
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def threads_per_rank(requested: int, local_size: int) -> int:

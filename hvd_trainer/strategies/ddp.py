@@ -9,16 +9,16 @@ import gc
 import os
 import socket
 from datetime import timedelta
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import DDPConfig
 from .. import syncbn
-from .base import Strategy, mean_loss_step, threads_per_rank, unwrap
+from ..config import DDPConfig, TrainConfig
+from .base import StepPlan, Strategy, average_op, mean_loss_step, threads_per_rank, unwrap
 
 
 def _free_port(host: str) -> int:
@@ -54,19 +54,20 @@ def _rendezvous(cfg: DDPConfig) -> tuple[int, int, int, int, str]:
 class DDPStrategy(Strategy):
     name = "ddp"
 
-    def __init__(self, cfg: DDPConfig, threads: int = 0) -> None:
-        self.cfg, self.threads = cfg, threads
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.dcfg = cfg.ddp
 
     def init(self) -> None:
-        self.rank, self.size, self.local_rank, self.local_size, method = _rendezvous(self.cfg)
+        self.rank, self.size, self.local_rank, self.local_size, method = _rendezvous(self.dcfg)
         if torch.cuda.is_available():  # not exercised here (no GPU)
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
         dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method=method, rank=self.rank, world_size=self.size,
                                 timeout=timedelta(minutes=5))
-        torch.set_num_threads(threads_per_rank(self.threads, self.local_size))
+        torch.set_num_threads(threads_per_rank(self.cfg.runtime.threads, self.local_size))
 
-    def shutdown(self) -> None:
+    def shutdown(self, reason: Optional[str] = None) -> None:
         # A rank that leaves while a peer still talks to it, or a process group whose last
         # reference (held by the DDP wrapper) dies only at interpreter exit, ends a healthy job
         # with "terminate called without an active exception" (rc 134): gloo's threads are torn
@@ -78,9 +79,9 @@ class DDPStrategy(Strategy):
             dist.destroy_process_group()
         gc.collect()
 
-    def prepare(self, model, optimizer, accumulation_steps):
+    def prepare(self, model, optimizer, plan: StepPlan):
         ids = [self.local_rank] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.cfg.bucket_cap_mb), optimizer
+        return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.dcfg.bucket_cap_mb), optimizer
 
     def sync_batchnorm(self, model: nn.Module) -> nn.Module:
         if self.device.type == "cuda":
@@ -99,39 +100,34 @@ class DDPStrategy(Strategy):
         optimizer.step()
         return loss
 
-    def broadcast_state(self, model, optimizer) -> None:
+    def broadcast_parameters(self, model) -> None:
         module = unwrap(model)
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src=0)
-        if optimizer.state_dict()["state"]:
-            state = [optimizer.state_dict()]
-            dist.broadcast_object_list(state, src=0)
-            optimizer.load_state_dict(state[0])
 
-    def sync_buffers(self, model: nn.Module) -> None:
+    def broadcast_optimizer_state(self, optimizer) -> None:
+        if optimizer.state_dict()["state"]:  # every rank agrees (see HorovodStrategy)
+            optimizer.load_state_dict(self.broadcast_object(optimizer.state_dict()))
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
         for b in unwrap(model).buffers():
             dist.broadcast(b.data, src=0)
 
-    def allreduce_sum(self, tensor):
+    def allreduce(self, tensor, op: str = "sum"):
         out = tensor.clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return out / self.size if average_op(op) else out
 
     def allgather_object(self, obj):
         out: list[Any] = [None] * self.size
         dist.all_gather_object(out, obj)
         return out
 
-    def broadcast_bytes(self, data):
-        n = torch.tensor([len(data) if data else 0], dtype=torch.int64)
-        dist.broadcast(n, src=0)
-        if int(n.item()) == 0:
-            return b""
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else \
-            torch.empty(int(n.item()), dtype=torch.uint8)
-        dist.broadcast(buf, src=0)
-        return buf.numpy().tobytes()
+    def broadcast_object(self, obj, root_rank: int = 0):
+        box = [obj]
+        dist.broadcast_object_list(box, src=root_rank)
+        return box[0]
 
     def settings(self) -> dict[str, Any]:
-        return {"backend": "gloo", "bucket_cap_mb": self.cfg.bucket_cap_mb,
+        return {"backend": "gloo", "bucket_cap_mb": self.dcfg.bucket_cap_mb,
                 "threads_per_rank": torch.get_num_threads()}

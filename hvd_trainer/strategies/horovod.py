@@ -13,22 +13,16 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import HorovodConfig
 from .. import syncbn
-from .base import LossFn, Strategy, mean_loss_step, threads_per_rank, unwrap
+from ..config import ConfigError, HorovodConfig, TrainConfig
+from ..launch_env import apply_mpi_defaults
+from .base import LossFn, StepPlan, Strategy, average_op, mean_loss_step, threads_per_rank, unwrap
 
 # Measured here (benchmarks/throughput.py --sweep, README "Speed"): with one core per rank,
-# Horovod's background thread waits inside MPI, and Open MPI's progress loop busy-polls, taking
-# the core from the rank's own backward pass. Letting the poller yield (mpi_yield_when_idle)
-# recovered most of the gap to DDP; a 2 ms negotiation cycle (stock: 1 ms) the rest. Cycles of
-# 10 ms and more were slower again. Both are defaults only: a value in the environment wins.
+# Horovod's background thread waits inside MPI; with MPI yielding when idle
+# (launch_env.MPI_RUNTIME_DEFAULTS), a 2 ms negotiation cycle (stock: 1 ms) closed the rest of
+# the gap to DDP. Cycles of 10 ms and more were slower again. A value in the environment wins.
 DEFAULT_CYCLE_TIME_MS = 2.0
-
-
-def trainer_mpi_env() -> dict[str, str]:
-    """MPI settings the trainer exports before ``hvd.init()`` unless already set."""
-    return {"OMPI_MCA_mpi_yield_when_idle": "1"}
-
 
 _KNOBS = {  # config field -> (environment variable, converter to the env value)
     "fusion_threshold_mb": ("HOROVOD_FUSION_THRESHOLD", lambda v: str(int(v * 1024 * 1024))),
@@ -39,8 +33,9 @@ _KNOBS = {  # config field -> (environment variable, converter to the env value)
 
 
 def apply_horovod_env(cfg: HorovodConfig, environ: Optional[dict] = None) -> dict[str, str]:
-    """Export the configured knobs before ``hvd.init()``; a value already in the environment
-    wins. Returns the effective values (None where Horovod's built-in default applies)."""
+    """Export the configured knobs and the MPI runtime defaults before ``hvd.init()``; a value
+    already in the environment wins. Returns the effective values (None where Horovod's
+    built-in default applies)."""
     env = os.environ if environ is None else environ
     effective: dict[str, Any] = {}
     for field, (var, conv) in _KNOBS.items():
@@ -50,23 +45,26 @@ def apply_horovod_env(cfg: HorovodConfig, environ: Optional[dict] = None) -> dic
         if var not in env and value is not None:
             env[var] = conv(value)
         effective[var] = env.get(var)
-    for var, value in trainer_mpi_env().items():
-        env.setdefault(var, value)
-        effective[var] = env[var]
+    effective.update(apply_mpi_defaults(env))
     return effective
 
 
 class HorovodStrategy(Strategy):
     name = "horovod"
 
-    def __init__(self, cfg: HorovodConfig, threads: int = 0) -> None:
-        self.cfg = cfg
-        self.threads = threads
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.hcfg = cfg.horovod
         self._env: dict[str, Any] = {}
         self.hvd = None
 
+    @classmethod
+    def check(cls, cfg: TrainConfig, world_size: int) -> None:
+        if cfg.horovod.op == "adasum" and world_size & (world_size - 1):
+            raise ConfigError(f"horovod.op: adasum needs a power-of-two number of ranks, got {world_size}")
+
     def init(self) -> None:
-        self._env = apply_horovod_env(self.cfg)
+        self._env = apply_horovod_env(self.hcfg)
         try:
             import horovod.torch as hvd
         except ImportError as err:
@@ -78,20 +76,20 @@ class HorovodStrategy(Strategy):
         if torch.cuda.is_available():  # GPU path: one device per local rank (not exercised here)
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
-        torch.set_num_threads(threads_per_rank(self.threads, self.local_size))
+        torch.set_num_threads(threads_per_rank(self.cfg.runtime.threads, self.local_size))
 
-    def shutdown(self) -> None:
+    def shutdown(self, reason: Optional[str] = None) -> None:
         if self.hvd is not None:
             self.hvd.shutdown()
 
-    def prepare(self, model, optimizer, accumulation_steps):
+    def prepare(self, model, optimizer, plan: StepPlan):
         hvd = self.hvd
-        compression = hvd.Compression.fp16 if self.cfg.compression == "fp16" else hvd.Compression.none
-        op = hvd.Adasum if self.cfg.op == "adasum" else hvd.Average
+        compression = hvd.Compression.fp16 if self.hcfg.compression == "fp16" else hvd.Compression.none
+        op = hvd.Adasum if self.hcfg.op == "adasum" else hvd.Average
         optimizer = hvd.DistributedOptimizer(
             optimizer, named_parameters=model.named_parameters(), compression=compression,
-            backward_passes_per_step=accumulation_steps, op=op,
-            gradient_predivide_factor=self.cfg.gradient_predivide_factor)
+            backward_passes_per_step=plan.accumulation_steps, op=op,
+            gradient_predivide_factor=self.hcfg.gradient_predivide_factor)
         return model, optimizer
 
     def sync_batchnorm(self, model: nn.Module) -> nn.Module:
@@ -115,39 +113,37 @@ class HorovodStrategy(Strategy):
             optimizer.step()
         return loss
 
-    def broadcast_state(self, model, optimizer) -> None:
+    def broadcast_parameters(self, model) -> None:
         self.hvd.broadcast_parameters(unwrap(model).state_dict(), root_rank=0)
+
+    def broadcast_optimizer_state(self, optimizer) -> None:
         # A fresh optimizer has no state on any rank, and Horovod would create it with a
         # zero-gradient step (advancing Adam's step count, applying weight decay): skip it then.
+        # (Every rank agrees: after a resume all have state, before one none has.)
         if optimizer.state_dict()["state"]:
             self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
-    def sync_buffers(self, model: nn.Module) -> None:
+    def broadcast_buffers(self, model: nn.Module) -> None:
         buffers = dict(unwrap(model).named_buffers())
         if buffers and self.size > 1:
             self.hvd.broadcast_parameters(buffers, root_rank=0)
 
-    def allreduce_sum(self, tensor):
-        return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=None)
+    def allreduce(self, tensor, op: str = "sum"):
+        hvd = self.hvd
+        return hvd.allreduce(tensor, op=hvd.Average if average_op(op) else hvd.Sum)
 
     def allgather_object(self, obj):
         return self.hvd.allgather_object(obj)
 
-    def broadcast_bytes(self, data):
-        hvd = self.hvd
-        n = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
-        n = hvd.broadcast(n, root_rank=0, name="hvd_trainer.bytes_len")
-        buf = torch.zeros(int(n.item()), dtype=torch.uint8)
-        if self.rank == 0 and data:
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if int(n.item()) == 0:
-            return b""
-        return hvd.broadcast(buf, root_rank=0, name="hvd_trainer.bytes").numpy().tobytes()
+    def broadcast_object(self, obj, root_rank: int = 0):
+        # an explicit name: Horovod's default is the object's type name, which differs between
+        # the root's object and the others' placeholder, and the ranks would wait on each other
+        return self.hvd.broadcast_object(obj, root_rank=root_rank, name="hvd_trainer.broadcast_object")
 
     def settings(self) -> dict[str, Any]:
         out = dict(self._env)
-        out.update(op=self.cfg.op, compression=self.cfg.compression,
-                   gradient_predivide_factor=self.cfg.gradient_predivide_factor,
+        out.update(op=self.hcfg.op, compression=self.hcfg.compression,
+                   gradient_predivide_factor=self.hcfg.gradient_predivide_factor,
                    controller="mpi" if self.hvd.mpi_enabled() and not os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR") else "gloo",
                    threads_per_rank=torch.get_num_threads())
         return out

@@ -102,3 +102,33 @@ def test_ddp_job_exits_0_twenty_times_in_a_row(tmp_path):
                      timeout=120, check=False)
         assert res.returncode == 0, f"run {i + 1} of 20 exited {res.returncode}\n{res.output[-3000:]}"
         assert (tmp_path / str(i) / "summary.json").exists()
+
+
+def test_skipped_checkpoints_are_reported_and_none_usable_stops_the_run(tmp_path):
+    base = ["hvd-train", "digits", "checkpoint.every_epochs=1", "runtime.progress=false", f"run_dir={tmp_path}"]
+    mpirun(2, base + ["epochs=2"], timeout=120)
+    ckpts = sorted((tmp_path / "checkpoints").glob("ckpt-step*.pt"))
+    assert len(ckpts) == 2
+    newest = ckpts[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    res = mpirun(2, base + ["epochs=3"], timeout=120)
+    assert f"skipped checkpoint {newest}: unreadable" in res.stdout
+    assert f"resumed from {ckpts[0]}" in res.stdout
+    for p in (tmp_path / "checkpoints").glob("ckpt-step*.pt"):
+        p.write_bytes(b"not a checkpoint")
+    res = mpirun(2, base + ["epochs=4"], timeout=120, check=False)
+    assert res.returncode == 2, res.output
+    lines = [line for line in res.stderr.splitlines() if line.startswith("hvd-train: config error")]
+    assert len(lines) == 1 and "checkpoint.resume: no usable checkpoint" in lines[0], res.stderr
+    assert all(p.read_bytes() == b"not a checkpoint" for p in (tmp_path / "checkpoints").glob("*.pt"))
+
+
+def test_a_config_error_on_the_workers_reaches_the_parameter_servers(tmp_path):
+    # found only once the workers have built their data: the servers must leave alike, exit 2
+    res = mpirun(3, ["hvd-train", "digits", "strategy=ps", "batch_size=512",
+                     "optim.accumulation_steps=4", f"run_dir={tmp_path}"],
+                 timeout=60, check=False)
+    assert res.returncode == 2, res.output
+    lines = [line for line in res.stderr.splitlines() if line.startswith("hvd-train")]
+    assert len(lines) == 1 and "leaves no full step" in lines[0], res.stderr
+    assert "Traceback" not in res.output

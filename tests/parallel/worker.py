@@ -9,12 +9,14 @@ import sys
 
 import torch
 
-from hvd_trainer import Trainer, load_config
+from hvd_trainer import load_config, train
+from hvd_trainer.launch_env import launcher_rank
 from hvd_trainer.strategies.base import unwrap
 
 args = [a for a in sys.argv[1:] if not a.startswith("test.")]
 test_opts = dict(a[len("test."):].split("=", 1) for a in sys.argv[1:] if a.startswith("test."))
 cfg = load_config(None, args)
+rank = launcher_rank()
 
 loss_fn = torch.nn.functional.cross_entropy
 if "fail_rank" in test_opts:
@@ -23,20 +25,16 @@ if "fail_rank" in test_opts:
 
     def failing_loss(logits, y):
         calls["n"] += 1
-        if trainer.strategy.rank == fail_rank and calls["n"] == fail_step:
+        if rank == fail_rank and calls["n"] == fail_step:
             raise RuntimeError(f"injected failure on rank {fail_rank}")
         return torch.nn.functional.cross_entropy(logits, y)
 
     loss_fn = failing_loss
 
-trainer = Trainer(cfg, loss_fn=loss_fn)
-try:
-    trainer.fit()
-except BaseException as err:
-    print(f"worker rank {trainer.strategy.rank} failed: {err}", file=sys.stderr, flush=True)
-    trainer.strategy.abort(1)
-if trainer.strategy.is_worker:
+
+def save_final_weights(trainer):
     state = {k: v.detach().clone() for k, v in unwrap(trainer.state.model).state_dict().items()}
     torch.save(state, f"{cfg.run_dir}/params_rank{trainer.strategy.rank}.pt")
-trainer.close()
-trainer.strategy.shutdown()
+
+
+train(cfg, loss_fn=loss_fn, on_end=save_final_weights)

@@ -4,12 +4,13 @@ import pickle
 import pytest
 import torch
 
-from hvd_trainer.checkpoint import Checkpointer, load
+from hvd_trainer.checkpoint import FORMAT, SCHEMA, Checkpointer, load, validate
 
 
 def _payload(step):
-    return {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scheduler": {}, "step": step,
-            "epoch": 0, "batch_in_epoch": step, "rng": [], "config": {}}
+    return {"format": FORMAT, "model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scheduler": {},
+            "step": step, "epoch": 0, "batch_in_epoch": step, "rng": [], "config": {}, "world_size": 1,
+            "strategy": "horovod"}
 
 
 def test_save_keeps_newest_k_and_leaves_no_temp_files(tmp_path):
@@ -26,10 +27,33 @@ def test_torn_or_incomplete_newest_is_skipped(tmp_path):
     ck.save(_payload(2))
     newest = ck.path_for(2)
     newest.write_bytes(newest.read_bytes()[:100])  # torn write
-    path, data = ck.newest_valid()
-    assert path == ck.path_for(1)
+    found = ck.find()
+    assert found.path == ck.path_for(1) and not found.unusable
+    assert found.skipped[0][0] == str(newest) and "unreadable" in found.skipped[0][1]
     torch.save({"model": {}}, ck.path_for(3))  # loads, but lacks the required keys
-    assert ck.newest_valid()[0] == ck.path_for(1)
+    found = ck.find()
+    assert found.path == ck.path_for(1)
+    assert [p for p, _ in found.skipped] == [str(ck.path_for(3)), str(newest)]
+    assert "missing format, optimizer" in found.skipped[0][1]
+
+
+def test_only_unusable_checkpoints_are_reported_as_such(tmp_path):
+    ck = Checkpointer(tmp_path)
+    assert not ck.find().unusable  # nothing there: a fresh start is right
+    ck.save(_payload(4))
+    ck.path_for(4).write_bytes(b"garbage")
+    found = ck.find()
+    assert found.unusable and found.data is None
+
+
+def test_schema_validation_names_the_problem():
+    assert validate(_payload(1)) is None
+    assert validate([1]) == "not a mapping but list"
+    assert validate({**_payload(1), "step": "7"}) == "step is str, expected int"
+    assert validate({**_payload(1), "format": 99}).startswith("format 99")
+    with pytest.raises(ValueError, match="invalid checkpoint"):
+        Checkpointer("/nonexistent").save({"step": 1})
+    assert set(_payload(1)) == set(SCHEMA)
 
 
 class _Evil:
@@ -42,7 +66,8 @@ def test_loading_is_weights_only(tmp_path):
     torch.save({**_payload(9), "extra": _Evil()}, path)
     with pytest.raises(pickle.UnpicklingError):
         load(path)
-    assert Checkpointer(tmp_path).newest_valid() is None
+    found = Checkpointer(tmp_path).find()
+    assert found.unusable and "UnpicklingError" in found.skipped[0][1]
 
 
 def test_rng_round_trip_through_a_weights_only_checkpoint(tmp_path):
@@ -55,6 +80,6 @@ def test_rng_round_trip_through_a_weights_only_checkpoint(tmp_path):
     ck = Checkpointer(tmp_path)
     ck.save({**_payload(1), "rng": [state]})
     expected = (torch.rand(3), np.random.rand(3), random.random())
-    rng.restore(ck.newest_valid() and load(ck.path_for(1))["rng"][0])
+    rng.restore(load(ck.find().path)["rng"][0])
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]

@@ -70,3 +70,40 @@ def test_launch_commands_are_argument_lists():
     assert "--oversubscribe" in cmd and "btl_tcp_if_include" in cmd and "mpi_yield_when_idle" in cmd
     assert horovodrun_command(2, ["x"], gloo=True)[:5] == ["horovodrun", "-np", "2", "-H", "localhost:2"]
     assert srun_command(4, ["x"], nodes=2) == ["srun", "--ntasks=4", "--mpi=pmix", "--cpus-per-task=1", "--nodes=2", "x"]
+
+
+def test_hvd_launch_sbatch_honours_hosts_map_by_dry_run_and_requeue(tmp_path, capsys):
+    from mpi_jobs.cli import main
+
+    out = tmp_path / "job.sh"
+    assert main(["--sbatch", str(out), "--dry-run", "--launcher", "mpirun", "-np", "4", "--hosts", "n1:2,n2:2",
+                 "--map-by", "ppr:2:node", "--no-requeue", "--", "hvd-train", "digits"]) == 0
+    script = capsys.readouterr().out
+    assert not out.exists()  # a dry run writes nothing
+    assert "#SBATCH --nodelist=n1,n2" in script and "#SBATCH --nodes=2" in script
+    assert "--map-by ppr:2:node" in script and "#SBATCH --requeue" not in script
+    assert main(["--sbatch", str(out), "-np", "2", "--", "hvd-train", "digits"]) == 0
+    assert "#SBATCH --requeue" in out.read_text()
+    with pytest.raises(SystemExit):
+        main(["--sbatch", str(out), "-np", "2", "--map-by", "node", "--", "hvd-train", "digits"])  # srun
+
+
+def test_no_module_imports_upward():
+    # the loop (trainer, state, cli) stands on strategies and checkpoint, never the reverse
+    import ast
+    from pathlib import Path
+
+    import hvd_trainer
+
+    root = Path(hvd_trainer.__file__).parent
+    loop = {"trainer", "state", "cli", "output", "data"}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not node.module:
+                continue
+            target = node.module.split(".")[-1] if node.level else node.module.removeprefix("hvd_trainer.")
+            if rel.parts[0] == "strategies":
+                assert target not in loop, f"{rel} imports {node.module}"
+            if rel.name == "checkpoint.py":
+                assert "strategies" not in node.module, f"{rel} imports {node.module}"

@@ -1,7 +1,12 @@
 import pytest
 
 from hvd_trainer.cli import BUILTIN
-from hvd_trainer.config import ConfigError, TrainConfig, check_world, load_config, replace
+from hvd_trainer.config import ConfigError, TrainConfig, load_config, replace
+from hvd_trainer.strategies import strategy_class
+
+
+def check_world(cfg, world_size):
+    strategy_class(cfg.strategy).check(cfg, world_size)
 
 
 def test_builtin_configs_load():

@@ -21,7 +21,7 @@ TAG_ABORT = 1   # any -> any: the job is over; payload: message bytes
 TAG_PING = 2    # any -> any: are you alive?
 TAG_PONG = 3    # reply to a ping
 TAG_CTRL = 4    # worker -> server: int64 [kind, arg]
-TAG_STATE = 5   # server -> worker 0: checkpoint state (bytes) or counters
+TAG_STATE = 5   # server -> worker 0: checkpoint state or counters; worker 0 -> server: start (bytes)
 TAG_DATA = 100  # + clock: gradient pushes and parameter replies
 
 CTRL_DONE = 1
@@ -37,10 +37,6 @@ def partition(total: int, parts: int) -> list[tuple[int, int]]:
     ranges). A tensor may straddle two servers; shard sizes differ by at most one element."""
     bounds = [total * j // parts for j in range(parts + 1)]
     return [(bounds[j], bounds[j + 1]) for j in range(parts)]
-
-
-class PeerFailure(RuntimeError):
-    pass
 
 
 class Waiter:
@@ -84,6 +80,26 @@ class Waiter:
             if done and index != self.MPI.UNDEFINED:
                 return index
             delay = self._idle(set(blocked_on()), delay, since)
+
+    def send_bytes(self, dest: int, data: bytes, tag: int) -> None:
+        """Send ``data`` to ``dest`` and wait until it has left (answering pings meanwhile)."""
+        arr = np.frombuffer(data, dtype=np.uint8)
+        self.wait_all([self.comm.Isend([arr, self.MPI.BYTE], dest=dest, tag=tag)], [dest])
+
+    def recv_bytes(self, source: int, tag: int) -> bytes:
+        """One message of any length from ``source``; declares it dead if it stays silent."""
+        status = self.MPI.Status()
+        self.reset([source])
+        delay, since = 0.0, time.monotonic()
+        while not self.comm.Iprobe(source=source, tag=tag, status=status):
+            delay = self._idle({source}, delay, since)
+        buf = np.empty(status.Get_count(self.MPI.BYTE), dtype=np.uint8)
+        self.wait_all([self.comm.Irecv([buf, self.MPI.BYTE], source=source, tag=tag)], [source])
+        return buf.tobytes()
+
+    def heard_from(self, peer: int) -> None:
+        """``peer`` just showed it is alive (a message from it arrived)."""
+        self.heard[peer] = time.monotonic()
 
     def reset(self, peers: Iterable[int]) -> None:
         now = time.monotonic()
