@@ -23,7 +23,7 @@ setup(
         "tqdm",
         "scikit-learn",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"]},
     entry_points={
         "console_scripts": [
             "hvd-train=hvd_trainer.cli:main",

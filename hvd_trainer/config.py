@@ -8,20 +8,46 @@ collective is entered.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A bad configuration value; ``str(err)`` is one line naming the key."""
 
 
+INT_LIMIT = 2**31 - 1  # no count, size or seed here is meant to be larger; beyond it C++ overflows
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
+    # strict: no silent coercion ("3" is not 3, 1.5 is not 1); inf and nan are never a setting
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_floats_are_ints(cls, value: Any, info: ValidationInfo) -> Any:
+        """``1E6`` or ``2.0`` for an int field is the int a user means (an integral float only)."""
+        field = cls.model_fields[info.field_name]
+        if field.annotation in (int, Optional[int], "int", "Optional[int]") and isinstance(value, float) \
+                and math.isfinite(value) and value.is_integer() and abs(value) <= INT_LIMIT:
+            return int(value)
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_absurd_ints(cls, value: Any) -> Any:
+        items = value if isinstance(value, list) else [value]
+        for v in items:
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT_LIMIT:
+                raise ValueError(f"{v} is out of range (at most {INT_LIMIT} in size)")
+        return value
 
 
 class DataConfig(_Section):
@@ -102,11 +128,11 @@ class HorovodConfig(_Section):
     """Gradient compression on the wire."""
     gradient_predivide_factor: float = Field(1.0, gt=0.0)
     """Divide gradients by this before the sum and by size/factor after (op=average only)."""
-    fusion_threshold_mb: Optional[float] = Field(None, ge=0.0)
+    fusion_threshold_mb: Optional[float] = Field(None, ge=0.0, le=65536.0)
     """HOROVOD_FUSION_THRESHOLD in MiB (None: Horovod's default, 64)."""
-    cycle_time_ms: Optional[float] = Field(None, gt=0.0)
+    cycle_time_ms: Optional[float] = Field(None, gt=0.0, le=60000.0)
     """HOROVOD_CYCLE_TIME in ms (None: the trainer's measured default, see README)."""
-    cache_capacity: Optional[int] = Field(None, ge=0)
+    cache_capacity: Optional[int] = Field(None, ge=0, le=1_000_000)
     """HOROVOD_CACHE_CAPACITY (None: Horovod's default, 1024)."""
     timeline: Optional[str] = None
     """HOROVOD_TIMELINE: write a Chrome-trace timeline to this file."""
@@ -156,7 +182,7 @@ class CheckpointConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    threads: int = Field(0, ge=0)
+    threads: int = Field(0, ge=0, le=4096)
     """torch threads per rank (0: cores / local ranks, at least 1)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
@@ -223,6 +249,31 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as a Python or PyTorch user writes it: ``3e-4`` and ``1E6`` are numbers (YAML 1.1
+    wants a dot, and reads them as strings), and a key given twice is an error, not last-wins."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{key}: given twice (line {key_node.start_mark.line + 1}); "
+                                  f"a second block would silently replace the first")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(  # after 1.1's int and float: only what those refuse
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for item in overrides:
@@ -230,7 +281,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"{item}: overrides are KEY=VALUE")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = _yaml(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
         _set_dotted(tree, key.strip(), value)
@@ -275,7 +326,9 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
         if not p.is_file():
             raise ConfigError(f"config: file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = _yaml(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config: {p} is not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config: {p} is not valid YAML ({str(err).splitlines()[0]})") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -283,6 +336,34 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
         tree = loaded or {}
     tree = _merge(tree, parse_overrides(overrides or []))
     return from_dict(tree)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def first_difference(mine: dict[str, Any], reference: dict[str, Any]) -> Optional[tuple[str, Any, Any]]:
+    """The first dotted key whose value differs: (key, mine, reference's), or None."""
+    a, b = _flatten(mine), _flatten(reference)
+    for key in list(b) + [k for k in a if k not in b]:
+        if a.get(key, "<missing>") != b.get(key, "<missing>"):
+            return key, a.get(key, "<missing>"), b.get(key, "<missing>")
+    return None
+
+
+def check_agreement(views: list[dict[str, Any]], what: str) -> None:
+    """Raise the same one-line :class:`ConfigError` on every rank when any rank's ``what``
+    (``views[r]``, gathered from every rank) differs from rank 0's."""
+    for rank, view in enumerate(views[1:], start=1):
+        diff = first_difference(view, views[0])
+        if diff:
+            key, mine, ref = diff
+            raise ConfigError(f"rank {rank}'s {what} differs from rank 0's: {key} {mine} vs {ref}")
 
 
 def replace(cfg: TrainConfig, **dotted: Any) -> TrainConfig:

@@ -28,6 +28,25 @@ class Splits:
     num_classes: int
 
 
+def check_arrays(x: np.ndarray, y: np.ndarray, what: str) -> None:
+    """Raise a one-line :class:`ConfigError` for arrays that cannot be a classification set:
+    caught when the data is loaded, before any rank trains on it."""
+    where = f"data.path: {what}"
+    if x.dtype.kind not in "fiub" or x.ndim < 2:
+        raise ConfigError(f"{where}: x must be numeric with shape (samples, features...), got {x.dtype} {x.shape}")
+    if y.ndim != 1 or y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
+        raise ConfigError(f"{where}: y must be a 1-D array of integer class labels, got {y.dtype} {y.shape}")
+    if len(x) != len(y):
+        raise ConfigError(f"{where}: x has {len(x)} samples but y has {len(y)}")
+    if len(x) == 0:
+        raise ConfigError(f"{where}: no samples")
+    if y.min() < 0:
+        raise ConfigError(f"{where}: labels must be >= 0, found {y.min()}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
+        raise ConfigError(f"{where}: {bad} samples hold NaN or infinity")
+
+
 def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = max(1, int(round(len(x) * fraction)))
@@ -76,9 +95,16 @@ def build_splits(cfg: DataConfig, seed: int) -> Splits:
         raise ConfigError(f"data.path: cannot read {cfg.path} as .npz ({err})") from None
     keys = set(arrays.files)
     if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-        return _tensors(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
+        parts = [arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+        check_arrays(parts[0], parts[1], "x_train/y_train")
+        check_arrays(parts[2], parts[3], "x_test/y_test")
+        return _tensors(*parts)
     if {"x", "y"} <= keys:
-        return _tensors(*_split(arrays["x"], arrays["y"], cfg.test_fraction, seed))
+        x, y = arrays["x"], arrays["y"]
+        check_arrays(x, y, "x/y")
+        if len(x) < 2:
+            raise ConfigError(f"data.path: x/y: {len(x)} sample(s) cannot be split into train and test")
+        return _tensors(*_split(x, y, cfg.test_fraction, seed))
     raise ConfigError(f"data.path: {cfg.path} needs arrays x_train,y_train,x_test,y_test or x,y; has {sorted(keys)}")
 
 

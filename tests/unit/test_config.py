@@ -67,3 +67,60 @@ def test_yaml_errors(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("written,key,value", [
+    ("optim.lr=3e-4", "lr", 3e-4), ("optim.lr=1E-3", "lr", 1e-3), ("optim.lr=.5", "lr", 0.5),
+    ("optim.lr=2.5e+1", "lr", 25.0), ("epochs=1_000", "epochs", 1000), ("epochs=1E3", "epochs", 1000),
+    ("optim.lr=1", "lr", 1.0),
+])
+def test_numbers_are_read_as_a_python_user_writes_them(written, key, value):
+    cfg = load_config(None, [written])
+    got = getattr(cfg.optim if key == "lr" else cfg, key)
+    assert got == value and type(got) is type(value)
+
+
+def test_numbers_in_a_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 3e-4\n  weight_decay: 1E-5\nepochs: 2\n")
+    cfg = load_config(f)
+    assert cfg.optim.lr == 3e-4 and cfg.optim.weight_decay == 1e-5
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=.inf", "optim.lr:"), ("optim.weight_decay=.inf", "optim.weight_decay:"),
+    ("optim.lr=.nan", "optim.lr:"), ("optim.warmup_epochs=.inf", "optim.warmup_epochs:"),
+    ("horovod.fusion_threshold_mb=1.0e+308", "horovod.fusion_threshold_mb:"),
+    ("seed=100000000000000000000", "seed:"), ("runtime.threads=100000000000000000000", "runtime.threads:"),
+    ("horovod.cache_capacity=100000000000000000000", "horovod.cache_capacity:"),
+    ("epochs=1.5", "epochs:"), ("model.hidden=[32, 100000000000000000000]", "model.hidden:"),
+])
+def test_values_that_cannot_be_meant_are_refused(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(message), err.value
+
+
+def test_duplicate_keys_and_non_utf8_files_are_errors(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("optim:\n  lr: 0.3\nepochs: 2\noptim:\n  momentum: 0.5\n")
+    with pytest.raises(ConfigError, match="optim: given twice"):
+        load_config(f)
+    g = tmp_path / "latin1.yaml"
+    g.write_bytes("run_dir: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(g)
+
+
+def test_first_difference_names_the_first_differing_dotted_key():
+    from hvd_trainer.config import check_agreement, first_difference
+
+    a = load_config(None, ["epochs=3"]).to_dict()
+    b = load_config(None, ["epochs=2"]).to_dict()
+    assert first_difference(a, a) is None
+    assert first_difference(a, b) == ("epochs", 3, 2)
+    c = load_config(None, ["model.hidden=[32]"]).to_dict()
+    d = load_config(None, ["model.hidden=[64]"]).to_dict()
+    assert first_difference(c, d) == ("model.hidden", [32], [64])
+    with pytest.raises(ConfigError, match=r"^rank 2's config differs from rank 0's: epochs 2 vs 3$"):
+        check_agreement([a, a, b], "config")

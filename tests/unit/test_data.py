@@ -57,3 +57,29 @@ def test_npz_data(tmp_path):
     np.savez(path, a=np.zeros(3))
     with pytest.raises(ConfigError, match="data.path"):
         build_splits(load_config(None, ["data.name=npz", f"data.path={path}"]).data, seed=0)
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"x": np.zeros((5, 3)), "y": np.zeros(4, dtype=np.int64)}, "x has 5 samples but y has 4"),
+    ({"x": np.zeros((5, 3)), "y": np.array([0, 1, -1, 0, 1])}, "labels must be >= 0"),
+    ({"x": np.zeros((0, 3)), "y": np.zeros(0, dtype=np.int64)}, "no samples"),
+    ({"x": np.zeros(5), "y": np.zeros(5, dtype=np.int64)}, "x must be numeric with shape"),
+    ({"x": np.zeros((5, 3)), "y": np.array(["a"] * 5)}, "y must be a 1-D array of integer"),
+    ({"x": np.zeros((5, 3)), "y": np.zeros((5, 2), dtype=np.int64)}, "y must be a 1-D array of integer"),
+    ({"x": np.zeros((5, 3)), "y": np.array([0.0, 1.5, 0, 1, 0])}, "y must be a 1-D array of integer"),
+    ({"x": np.array([[0.0, np.nan]] * 5), "y": np.zeros(5, dtype=np.int64)}, "5 samples hold NaN"),
+    ({"z": np.zeros(3)}, "needs arrays"),
+])
+def test_bad_npz_contents_are_one_line_config_errors(tmp_path, arrays, message):
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    cfg = load_config(None, ["data.name=npz", f"data.path={path}"])
+    with pytest.raises(ConfigError, match=message):
+        build_splits(cfg.data, 0)
+
+
+def test_whole_float_labels_are_accepted(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.random.default_rng(0).random((10, 3)), y=np.array([0.0, 1.0] * 5))
+    splits = build_splits(load_config(None, ["data.name=npz", f"data.path={path}"]).data, 0)
+    assert splits.num_classes == 2
