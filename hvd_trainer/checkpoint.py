@@ -3,8 +3,11 @@
 Write: serialize to memory, write a temp file in the same directory, fsync, rename over the
 final name, fsync the directory; then prune to the newest ``keep``. A crash at any point leaves
 either the old set or the new file complete, never a torn file under a final name.
-Read: ``torch.load(weights_only=True)`` only (no arbitrary unpickling). A file that fails to load
-or does not match :data:`SCHEMA` is skipped in favour of the next newest, and the skip is
+Every file starts with a one-line header carrying the SHA-256 of what follows, so flipped or
+truncated bytes are found before anything is loaded (a corrupt tensor would otherwise load
+and train on in silence).
+Read: ``torch.load(weights_only=True)`` only (no arbitrary unpickling). A file whose checksum does
+not match, that fails to load or does not match :data:`SCHEMA` is skipped in favour of the next newest, and the skip is
 reported with the file and the reason; when files exist but none is usable the caller is told,
 so a damaged run never restarts from step 0 in silence.
 
@@ -13,6 +16,7 @@ these keys and :func:`validate` checks them.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -39,6 +43,29 @@ SCHEMA: dict[str, type] = {
     "strategy": str,          # strategy of the run that wrote it
 }
 _NAME = re.compile(r"^ckpt-step(\d{9})\.pt$")
+_MAGIC = b"HVDCKPT1 sha256="
+
+
+class ChecksumError(ValueError):
+    pass
+
+
+def seal(data: bytes) -> bytes:
+    """The checkpoint file's bytes: a header with the SHA-256 of ``data``, then ``data``."""
+    return _MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data
+
+
+def unseal(blob: bytes) -> bytes:
+    """The serialized payload inside a file written by :func:`seal`, verified."""
+    if not blob.startswith(_MAGIC):
+        raise ChecksumError("no checksum header (not written by hvd-trainer, or truncated)")
+    end = blob.find(b"\n", len(_MAGIC))
+    if end < 0:
+        raise ChecksumError("truncated header")
+    digest, data = blob[len(_MAGIC):end].decode(errors="replace"), blob[end + 1:]
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ChecksumError(f"checksum mismatch ({len(data)} bytes; the file is corrupt or truncated)")
+    return data
 
 
 def torch_load_bytes(data: bytes) -> Any:
@@ -66,7 +93,7 @@ class Found:
     """The outcome of looking for a checkpoint to resume from."""
 
     path: Optional[Path] = None
-    data: Optional[bytes] = None
+    data: Optional[bytes] = None  # the verified serialized payload
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), newest first
 
     @property
@@ -95,7 +122,7 @@ class Checkpointer:
         final = self.path_for(int(payload["step"]))
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
+            f.write(seal(buf.getvalue()))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -124,9 +151,11 @@ class Checkpointer:
         found = Found()
         for path in self.list():
             try:
-                data = path.read_bytes()
+                data = unseal(path.read_bytes())
                 reason = validate(torch_load_bytes(data))
-            except Exception as err:  # noqa: BLE001 - torn, truncated, or a refused pickle
+            except ChecksumError as err:
+                reason = str(err)
+            except Exception as err:  # noqa: BLE001 - unreadable, or a refused pickle
                 reason = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             if reason is None:
                 found.path, found.data = path, data
@@ -136,5 +165,5 @@ class Checkpointer:
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Weights-only load of one checkpoint file."""
-    return torch_load_bytes(Path(path).read_bytes())
+    """Checksum-verified, weights-only load of one checkpoint file."""
+    return torch_load_bytes(unseal(Path(path).read_bytes()))

@@ -3,6 +3,8 @@ its own file (``runtime.log_every_rank``)."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,14 +40,25 @@ class Output:
 
     def metrics(self, record: dict[str, Any]) -> None:
         if self._metrics is not None:
-            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.write(json.dumps(_finite(record), allow_nan=False) + "\n")
+
+    def forget_metrics_after(self, step: int) -> None:
+        """A resumed run retrains what came after ``step``: drop those rows, so every step
+        appears once in metrics.jsonl (rank 0)."""
+        if self._metrics is None:
+            return
+        self._metrics.close()
+        path = self.run_dir / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        _write_atomically(path, "".join(line + "\n" for line in kept))
+        self._metrics = open(path, "a", buffering=1)
 
     def summary(self, summary: dict[str, Any]) -> None:
+        """summary.json, atomically; NaN and infinity are written as null (valid JSON)."""
         if self.is_main:
-            path = self.run_dir / "summary.json"
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-            tmp.replace(path)
+            _write_atomically(self.run_dir / "summary.json",
+                              json.dumps(_finite(summary), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
     def progress(self, total: int, desc: str, initial: int = 0) -> "Progress":
         return Progress(total, desc, initial, self.progress_enabled)
@@ -54,6 +67,23 @@ class Output:
         for f in (self._log, self._metrics):
             if f is not None:
                 f.close()
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 class Progress:

@@ -21,9 +21,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .checkpoint import Checkpointer, torch_load_bytes
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, check_agreement
 from .data import ShardedBatches, build_splits, eval_batches, worker_seed_everything
-from .launch_env import abort_job, apply_mpi_defaults
+from .launch_env import abort_job, apply_mpi_defaults, launched_by_mpi
 from .models import build_model, count_parameters
 from .output import Output
 from .schedule import build_optimizer, build_scheduler, lr_scale
@@ -68,8 +68,10 @@ class Trainer:
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.metrics = RunMetrics()
         self.stop_requested = False
+        self.saved_step: Optional[int] = None  # the step of the newest checkpoint of this run
         model = self._build_data(train_data, test_data, model)
         self._build_training(model)
+        self._check_agreement()
         self.ckpt = Checkpointer(f"{cfg.run_dir}/checkpoints", cfg.checkpoint.keep)
 
     def _build_data(self, train_data, test_data, model) -> nn.Module:
@@ -107,6 +109,16 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg.optim, s.lr_ranks, self.steps_per_epoch, cfg.epochs)
         self.state = TrainState(model, optimizer, scheduler, s, cfg.to_dict())
 
+    def _check_agreement(self) -> None:
+        """What the config cannot show must agree too (a model or data set given through the
+        Python API): one small collective, the same verdict on every rank."""
+        from .strategies.base import unwrap
+
+        view = {"model": {name: list(t.shape) for name, t in unwrap(self.state.model).state_dict().items()},
+                "data": {"train_samples": len(self.train_data), "test_samples": len(self.test_data),
+                         "steps_per_epoch": self.steps_per_epoch}}
+        check_agreement(self.strategy.allgather_object(view), "model or data set")
+
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         self.restore()
@@ -118,6 +130,8 @@ class Trainer:
             every = self.cfg.checkpoint.every_epochs
             if completed and every and self.state.epoch % every == 0:
                 self.save()
+        if self.saved_step != self.state.step:  # the trained model is always kept on disk
+            self.save()
         return self.finish()
 
     def train_epoch(self) -> bool:
@@ -203,6 +217,7 @@ class Trainer:
         payload = self.state.state_dict()
         if self.strategy.rank == 0:
             self.out.log_rank(f"checkpoint {self.ckpt.save(payload)}")
+        self.saved_step = self.state.step
 
     def restore(self) -> None:
         """Resume from rank 0's newest usable checkpoint (if any; every skipped one is reported),
@@ -223,6 +238,8 @@ class Trainer:
                                   f"over them: move them away or set checkpoint.resume=never")
             if message["data"] is not None:
                 note = st.load_state_dict(torch_load_bytes(message["data"]))
+                self.saved_step = st.step
+                self.out.forget_metrics_after(st.step)
                 if note:
                     self.out.print(f"note: {note}")
                 self.out.print(f"resumed from {message['path']} at step {st.step} (epoch {st.epoch}, "
@@ -282,6 +299,17 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _agree_on_config(cfg: TrainConfig) -> None:
+    """Ranks launched with different configs (MPMD, a stale file on one node) would hang in
+    mismatched collectives or train the wrong thing: compare them over plain MPI before any
+    strategy starts. (Under horovodrun's Gloo controller the model/data check still runs.)"""
+    if not launched_by_mpi():
+        return
+    from mpi4py import MPI
+
+    check_agreement(MPI.COMM_WORLD.allgather(cfg.to_dict()), "config")
+
+
 def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Optional[Dataset] = None,
           test_data: Optional[Dataset] = None, loss_fn: Optional[LossFn] = None,
           on_end: Optional[Callable[[Trainer], Any]] = None) -> dict[str, Any]:
@@ -296,6 +324,7 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Op
     traceback and takes the whole job down, so no rank waits for a dead peer.
     """
     apply_mpi_defaults()
+    _agree_on_config(cfg)
     strategy = make_strategy(cfg)
     strategy.init()
     try:

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import WORKER, mpirun, run_cmd
-from mpi_jobs import horovodrun_command
+from mpi_jobs import horovodrun_command, mpirun_command
 
 SUMMARY_KEYS = {"strategy", "world_size", "epochs", "global_batch_size", "final_train_loss",
                 "final_test_accuracy", "samples_per_sec", "wall_seconds"}
@@ -112,8 +112,11 @@ def test_skipped_checkpoints_are_reported_and_none_usable_stops_the_run(tmp_path
     newest = ckpts[-1]
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated
     res = mpirun(2, base + ["epochs=3"], timeout=120)
-    assert f"skipped checkpoint {newest}: unreadable" in res.stdout
+    assert f"skipped checkpoint {newest}: checksum mismatch" in res.stdout
     assert f"resumed from {ckpts[0]}" in res.stdout
+    # the abandoned run's epoch 2 row is gone: every step appears once
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
     for p in (tmp_path / "checkpoints").glob("ckpt-step*.pt"):
         p.write_bytes(b"not a checkpoint")
     res = mpirun(2, base + ["epochs=4"], timeout=120, check=False)
@@ -132,3 +135,26 @@ def test_a_config_error_on_the_workers_reaches_the_parameter_servers(tmp_path):
     lines = [line for line in res.stderr.splitlines() if line.startswith("hvd-train")]
     assert len(lines) == 1 and "leaves no full step" in lines[0], res.stderr
     assert "Traceback" not in res.output
+
+
+def test_the_final_model_is_always_checkpointed(tmp_path):
+    # digits checkpoints every 5 epochs: 3 epochs would otherwise leave nothing on disk
+    mpirun(2, ["hvd-train", "digits", "epochs=3", "runtime.progress=false", f"run_dir={tmp_path}"], timeout=120)
+    steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    assert [p.name for p in (tmp_path / "checkpoints").glob("*.pt")] == [f"ckpt-step{steps:09d}.pt"]
+
+
+@pytest.mark.parametrize("rank0,rank1,needle", [
+    (["epochs=2"], ["epochs=3"], "rank 1's config differs from rank 0's: epochs 3 vs 2"),
+    (["model.hidden=[32]"], ["model.hidden=[64]"], "rank 1's config differs from rank 0's: model.hidden [64] vs [32]"),
+    (["strategy=horovod"], ["strategy=ddp"], "rank 1's config differs from rank 0's: strategy ddp vs horovod"),
+    (["batch_size=16"], ["batch_size=32"], "rank 1's config differs from rank 0's: batch_size 32 vs 16"),
+])
+def test_ranks_launched_with_different_configs_fail_at_startup(tmp_path, rank0, rank1, needle):
+    # MPMD: one mpirun, each rank its own command line
+    common = ["hvd-train", "digits", "runtime.progress=false", f"run_dir={tmp_path}"]
+    cmd = mpirun_command(1, [*common, *rank0, ":", "-np", "1", *common, *rank1])
+    res = run_cmd(cmd, timeout=60)
+    assert res.returncode == 2, res.output
+    lines = [line for line in res.stderr.splitlines() if line.startswith("hvd-train")]
+    assert lines == [f"hvd-train: config error: {needle}"], res.stderr
