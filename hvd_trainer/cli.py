@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError, load_config
+from .errors import NonFiniteError
 from .launch_env import launcher_rank
 
 BUILTIN = Path(__file__).with_name("configs")
@@ -50,6 +51,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .trainer import train  # heavy imports only once the config is known good
 
         train(cfg)
+    except NonFiniteError as err:  # a single process; under a launcher train() ends the job
+        print(f"hvd-train: {err}", file=sys.stderr, flush=True)
+        return 1
     except ConfigError as err:
         # Every rank reaches the same verdict; rank 0 says it once. The others leave a moment
         # later, so a launcher that kills the job on the first non-zero exit cannot cut rank 0

@@ -119,6 +119,11 @@ class OptimConfig(_Section):
     """Clip the global gradient norm to this value after the allreduce (0: off)."""
     accumulation_steps: int = Field(1, ge=1)
     """Micro-batches per optimizer step (Horovod's backward_passes_per_step)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose averaged gradient holds NaN or infinity: ``stop`` the run with an error
+    (keeping the last good checkpoint), or ``skip`` the update, up to ``max_skipped_steps``."""
+    max_skipped_steps: int = Field(10, ge=0)
+    """With ``nonfinite: skip``: skipped steps allowed in a run before it stops."""
 
 
 class HorovodConfig(_Section):
@@ -218,9 +223,17 @@ class TrainConfig(_Section):
     def _check(self) -> "TrainConfig":
         if self.horovod.op == "adasum" and self.horovod.gradient_predivide_factor != 1.0:
             raise _FieldError("horovod.gradient_predivide_factor", "must be 1.0 with horovod.op=adasum")
+        if self.strategy == "ps" and self.optim.nonfinite == "skip":
+            raise _FieldError("optim.nonfinite", "skip is not supported with strategy=ps (the servers "
+                             "apply each gradient as it comes); use stop")
         if self.strategy == "ps" and self.optim.grad_clip > 0:
             raise _FieldError("optim.grad_clip", "not supported with strategy=ps (the averaged gradient "
                              "exists only in shards on the servers)")
+        if self.strategy == "horovod" and self.horovod.op == "adasum" and self.optim.grad_clip > 0:
+            raise _FieldError("optim.grad_clip", "not supported with horovod.op=adasum (each rank's "
+                             "update is reduced inside the step)")
+        if self.strategy == "horovod" and self.horovod.op == "adasum" and self.optim.nonfinite == "skip":
+            raise _FieldError("optim.nonfinite", "skip is not supported with horovod.op=adasum: use stop")
         if self.horovod.op == "adasum" and self.optim.lr_scaling == "linear":
             raise _FieldError("optim.lr_scaling",
                              "Adasum on CPU takes no linear lr scaling: use none (or sqrt)")

@@ -13,6 +13,7 @@ from torch import nn
 
 from . import rng
 from .checkpoint import FORMAT, SCHEMA
+from .config import ConfigError
 from .strategies.base import Strategy
 
 
@@ -44,6 +45,10 @@ class TrainState:
         """Restore from a validated payload (every training rank, the same payload). Returns a
         note for the user when something could not be restored exactly, else None."""
         s = self.strategy
+        if payload["strategy"] != s.name and "ps" in (payload["strategy"], s.name):
+            # Horovod and DDP checkpoints are interchangeable; a parameter server's is not
+            raise ConfigError(f"checkpoint: written by strategy={payload['strategy']}, this run is "
+                              f"strategy={s.name}: set checkpoint.resume=never or another run_dir")
         s.load_state_dict(self.model, self.optimizer, payload)
         self.scheduler.load_state_dict(payload["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = (int(payload[k]) for k in ("step", "epoch", "batch_in_epoch"))

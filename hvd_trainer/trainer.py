@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from .checkpoint import Checkpointer, torch_load_bytes
 from .config import ConfigError, TrainConfig, check_agreement
@@ -29,7 +29,8 @@ from .output import Output
 from .schedule import build_optimizer, build_scheduler, lr_scale
 from .state import TrainState
 from .strategies import make_strategy
-from .strategies.base import StepPlan, Strategy
+from .errors import NonFiniteError
+from .strategies.base import NonFiniteGradient, StepPlan, Strategy, unwrap
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -44,6 +45,7 @@ class RunMetrics:
     last_eval: dict[str, float] = field(default_factory=dict)
     epoch_seconds: Optional[float] = None  # the last epoch's, when it ran uninterrupted
     epoch_samples: int = 0
+    skipped_steps: int = 0  # updates not applied: non-finite gradient (optim.nonfinite=skip)
 
     @property
     def samples_per_sec(self) -> float:
@@ -82,6 +84,10 @@ class Trainer:
             splits = build_splits(cfg.data, cfg.seed)
             train_data, test_data = splits.train, splits.test
         self.train_data, self.test_data = train_data, test_data
+        for name, ds in (("train_data", train_data), ("test_data", test_data)):
+            if isinstance(ds, TensorDataset) and any(t.is_floating_point() and not bool(torch.isfinite(t).all())
+                                                     for t in ds.tensors):
+                raise ConfigError(f"{name}: the data set holds NaN or infinity")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         if model is None:
             shape, classes = (splits.input_shape, splits.num_classes) if splits else _shape_and_classes(train_data)
@@ -146,14 +152,18 @@ class Trainer:
         t0 = time.perf_counter()
         for _ in range(first, self.steps_per_epoch):
             micro = [self._to_device(next(batches)) for _ in range(k)]
-            loss = self.strategy.train_step(st.model, st.optimizer, micro, self.loss_fn, cfg.optim.grad_clip)
+            try:
+                loss = self.strategy.train_step(st.model, st.optimizer, micro, self.loss_fn, cfg.optim.grad_clip)
+            except NonFiniteGradient as err:
+                loss = self._skip_step(err)
             st.scheduler.step()
             st.step += 1
             st.batch_in_epoch += k
             n = sum(len(b[-1]) for b in micro)
-            loss_sum += loss.double() * n
-            count += n
-            bar.update(float(loss), count * self.strategy.dp_size / max(1e-9, time.perf_counter() - t0))
+            if loss is not None:
+                loss_sum += loss.double() * n
+                count += n
+            bar.update(float(loss) if loss is not None else float("nan"), count * self.strategy.dp_size / max(1e-9, time.perf_counter() - t0))
             if cfg.max_steps and st.step >= cfg.max_steps:
                 self.stop_requested = True
             if (cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0) or self.stop_requested:
@@ -174,6 +184,23 @@ class Trainer:
         m.epoch_samples = int(totals[1])
         m.last_train_loss = float(totals[0] / max(1.0, float(totals[1])))
         return completed
+
+    def _skip_step(self, err: NonFiniteGradient) -> None:
+        """Every rank gets here at the same step (the verdict is on the averaged gradient)."""
+        m, o = self.metrics, self.cfg.optim
+        m.skipped_steps += 1
+        where = f"step {self.state.step + 1}: non-finite gradient ({err})"
+        if o.nonfinite == "stop":
+            raise NonFiniteError(f"{where}; optim.nonfinite=stop{self._last_good()}")
+        if m.skipped_steps > o.max_skipped_steps:
+            raise NonFiniteError(f"{where}: {m.skipped_steps} skipped steps, more than "
+                                 f"optim.max_skipped_steps={o.max_skipped_steps}{self._last_good()}")
+        self.out.print(f"hvd-train: {where}: update skipped ({m.skipped_steps} of at most {o.max_skipped_steps})")
+        return None
+
+    def _last_good(self) -> str:
+        newest = self.ckpt.list()[:1]
+        return f"; the last good checkpoint is {newest[0]}" if newest else "; no checkpoint was written"
 
     def _to_device(self, batch):
         dev = self.strategy.device
@@ -214,6 +241,11 @@ class Trainer:
         """All training ranks call; rank 0 writes. BN buffers are rank 0's, RNG streams every rank's."""
         if not self.cfg.model.sync_batchnorm:
             self.strategy.broadcast_buffers(self.state.model)
+        floats = [t for t in unwrap(self.state.model).state_dict().values() if t.is_floating_point()]
+        if floats and not bool(torch.isfinite(torch.nn.utils.get_total_norm(floats))):
+            # never let NaN weights replace good checkpoints (keep prunes the oldest)
+            raise NonFiniteError(f"step {self.state.step}: the weights hold NaN or infinity; "
+                                 f"refusing to checkpoint them{self._last_good()}")
         payload = self.state.state_dict()
         if self.strategy.rank == 0:
             self.out.log_rank(f"checkpoint {self.ckpt.save(payload)}")
@@ -274,7 +306,7 @@ class Trainer:
             "wall_seconds": time.perf_counter() - self.t_start,
             "parameters": self.n_params, "seed": self.cfg.seed,
             "lr": st.optimizer.param_groups[0]["lr"],
-            "settings": s.settings(), **s.counters(),
+            "skipped_steps": m.skipped_steps, "settings": s.settings(), **s.counters(),
         }
         self.out.summary(summary)
         self.out.print("summary: " + "  ".join(f"{k}={_fmt(summary[k])}" for k in (
@@ -347,6 +379,11 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Op
     except ConfigError as err:
         strategy.shutdown(reason=str(err))
         raise
+    except NonFiniteError as err:
+        if strategy.size <= 1:
+            raise
+        print(f"hvd-train: rank {strategy.rank}: {err}", file=sys.stderr, flush=True)
+        abort_job(1)
     except BaseException as err:  # noqa: BLE001 - one failing rank must end the job, not hang it
         if strategy.size <= 1 or (isinstance(err, SystemExit) and not err.code):
             raise

@@ -152,6 +152,26 @@ class Strategy(ABC):
         return {}
 
 
+class NonFiniteGradient(RuntimeError):
+    """Raised by ``train_step`` when the gradient it would apply holds NaN or infinity; the
+    update was not applied. Horovod and DDP check the averaged gradient, which is the same on
+    every rank, so every rank raises it at the same step."""
+
+
+def checked_update(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
+    """Clip (if asked) and step on gradients every rank holds alike, unless they are not finite.
+    One read of the gradients (the norm); clipping computes it anyway."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+    if not bool(torch.isfinite(norm)):
+        optimizer.zero_grad()
+        raise NonFiniteGradient(f"gradient norm {float(norm)}")
+    optimizer.step()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 

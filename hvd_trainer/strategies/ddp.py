@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import syncbn
 from ..config import DDPConfig, TrainConfig
-from .base import StepPlan, Strategy, average_op, mean_loss_step, threads_per_rank, unwrap
+from .base import StepPlan, Strategy, average_op, checked_update, mean_loss_step, threads_per_rank, unwrap
 
 
 def _free_port(host: str) -> int:
@@ -95,9 +95,7 @@ class DDPStrategy(Strategy):
         # Only the last micro-batch's backward allreduces; the others accumulate locally.
         loss = mean_loss_step(model, micro_batches, loss_fn,
                               lambda i: model.no_sync() if i < last else None)
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        checked_update(model, optimizer, grad_clip)  # after backward, every rank holds the average
         return loss
 
     def broadcast_parameters(self, model) -> None:

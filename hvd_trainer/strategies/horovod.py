@@ -16,7 +16,7 @@ from torch import nn
 from .. import syncbn
 from ..config import ConfigError, HorovodConfig, TrainConfig
 from ..launch_env import apply_mpi_defaults
-from .base import LossFn, StepPlan, Strategy, average_op, mean_loss_step, threads_per_rank, unwrap
+from .base import LossFn, NonFiniteGradient, StepPlan, Strategy, average_op, checked_update, mean_loss_step, threads_per_rank, unwrap
 
 # Measured here (benchmarks/throughput.py --sweep, README "Speed"): with one core per rank,
 # Horovod's background thread waits inside MPI; with MPI yielding when idle
@@ -102,15 +102,19 @@ class HorovodStrategy(Strategy):
     def train_step(self, model, optimizer, micro_batches: Sequence, loss_fn: LossFn, grad_clip: float):
         optimizer.zero_grad()
         loss = mean_loss_step(model, micro_batches, loss_fn)
-        if grad_clip > 0:
-            # Clip the *averaged* gradient: wait for the allreduce, clip, then step without a
-            # second allreduce.
-            optimizer.synchronize()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            with optimizer.skip_synchronize():
-                optimizer.step()
-        else:
+        if self.hcfg.op == "adasum":
+            # Adasum reduces each rank's local update inside step(): nothing to check before it,
+            # but the parameters after it are the same on every rank
             optimizer.step()
+            norm = torch.nn.utils.get_total_norm(list(model.parameters()))
+            if not bool(torch.isfinite(norm)):
+                raise NonFiniteGradient(f"parameter norm {float(norm)} after an Adasum step")
+            return loss
+        # Check and clip the *averaged* gradient: wait for the allreduce, then step without a
+        # second allreduce.
+        optimizer.synchronize()
+        with optimizer.skip_synchronize():
+            checked_update(model, optimizer, grad_clip)
         return loss
 
     def broadcast_parameters(self, model) -> None:

@@ -3,7 +3,8 @@
     mpirun -np 2 python tests/parallel/worker.py KEY=VALUE ...
 
 ``test.fail_rank=R test.fail_step=S`` (consumed here, not trainer config) makes rank R raise
-inside its loss at step S, to check that a failing rank brings the job down.
+inside its loss at step S, to check that a failing rank brings the job down;
+``test.nan_rank=R test.nan_steps=S1,S2`` makes rank R's loss NaN at those loss calls.
 """
 import sys
 
@@ -30,6 +31,16 @@ if "fail_rank" in test_opts:
         return torch.nn.functional.cross_entropy(logits, y)
 
     loss_fn = failing_loss
+if "nan_rank" in test_opts:
+    calls = {"n": 0}
+    nan_rank, nan_steps = int(test_opts["nan_rank"]), {int(v) for v in test_opts["nan_steps"].split(",")}
+
+    def nan_loss(logits, y):
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        return loss * float("nan") if rank == nan_rank and calls["n"] in nan_steps else loss
+
+    loss_fn = nan_loss
 
 
 def save_final_weights(trainer):

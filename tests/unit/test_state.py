@@ -65,3 +65,12 @@ def test_a_checkpoint_of_another_model_is_a_one_line_config_error(tmp_path):
     other.model = nn.Linear(5, 3)
     with pytest.raises(ConfigError, match="written for another model"):
         other.load_state_dict(load(path))
+
+
+def test_a_parameter_server_checkpoint_is_refused_by_another_strategy(tmp_path):
+    import pytest
+    from hvd_trainer.config import ConfigError
+
+    payload = {**_state(0).state_dict(), "strategy": "ps"}
+    with pytest.raises(ConfigError, match="written by strategy=ps, this run is strategy=one"):
+        _state(0).load_state_dict(payload)

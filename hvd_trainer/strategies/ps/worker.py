@@ -31,7 +31,7 @@ from torch import nn
 from ...checkpoint import torch_load_bytes
 from ...config import ConfigError, TrainConfig
 from ...schedule import lr_factor
-from ..base import StepPlan, Strategy, average_op, mean_loss_step, threads_per_rank, unwrap
+from ..base import NonFiniteGradient, StepPlan, Strategy, average_op, mean_loss_step, threads_per_rank, unwrap
 from .rules import make_rule
 from .server import Link, ShardServer
 from .wire import CTRL_CHECKPOINT, CTRL_COUNTERS, CTRL_DONE, CTRL_IDLE, TAG_CTRL, TAG_DATA, TAG_STATE, Waiter, partition
@@ -165,6 +165,8 @@ class ParameterServerStrategy(Strategy):
         for p in self.params:
             p.grad = None
         loss = mean_loss_step(model, micro_batches, loss_fn)
+        if not bool(torch.isfinite(loss)):  # this worker's own verdict: never push it
+            raise NonFiniteGradient(f"loss {float(loss)}")
         torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
                    for p in self.params], out=self.grad)
         for p in self.params:
