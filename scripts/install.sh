@@ -36,6 +36,14 @@ command -v mpicc  >/dev/null 2>&1 || need_apt+=(libopenmpi-dev)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 # SLURM (slurmctld, slurmd, munge, srun with PMIx): the tests start a one-node cluster of their own
 command -v slurmctld >/dev/null 2>&1 || need_apt+=(slurm-wlm)
+# the hosts testbed (network namespaces, each "host" running a real sshd; tc caps links)
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+# containers: Charliecloud builds Dockerfiles without a daemon; debootstrap makes the base image
+command -v ch-image >/dev/null 2>&1 || need_apt+=(charliecloud-runtime charliecloud-builders python3-lark)
+command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+command -v fakeroot >/dev/null 2>&1 || need_apt+=(fakeroot)
 if [ ${#need_apt[@]} -gt 0 ]; then
   command -v apt-get >/dev/null 2>&1 || die "missing ${need_apt[*]} and no apt-get: install MPI, cmake and g++ first"
   log "apt-get install ${need_apt[*]}"
@@ -70,7 +78,7 @@ if [ "$SYSTEM_TORCH" = 1 ]; then
 else
   "${PIP[@]}" "$TORCH_PIN"
 fi
-"${PIP[@]}" numpy mpi4py pyyaml "pydantic>=2.7" tqdm scikit-learn pytest pytest-timeout hypothesis \
+"${PIP[@]}" numpy mpi4py pyyaml "pydantic>=2.7" tqdm scikit-learn pytest pytest-timeout pytest-random-order hypothesis \
   cloudpickle psutil packaging wheel setuptools
 
 # --- 4. Horovod, built once per (python, torch, MPI) and cached ---------------------------------
