@@ -184,6 +184,12 @@ class CheckpointConfig(_Section):
     """Keep the newest K checkpoints."""
     resume: Literal["auto", "never"] = "auto"
     """``auto``: continue from the newest valid checkpoint in run_dir."""
+    stop_signals: list[Literal["USR1", "USR2", "TERM", "INT", "HUP"]] = Field(
+        default_factory=lambda: ["USR1", "TERM"])
+    """Signals that stop training cleanly: every rank stops at the same step boundary, one
+    checkpoint is written and the job exits 75, so a requeued job resumes exactly (SLURM's
+    ``--signal=B:USR1@N`` warning, preemption, ``scancel``). Empty: the signals keep their
+    default action."""
 
 
 class RuntimeConfig(_Section):
@@ -193,6 +199,11 @@ class RuntimeConfig(_Section):
     """Show a progress bar on rank 0."""
     log_every_rank: bool = False
     """Every rank also writes its own log file into run_dir."""
+    peer_timeout_s: float = Field(30.0, ge=0.0, le=86400.0)
+    """A rank that sends no heartbeat for this long (killed, stopped, its node down) ends the job
+    with a message naming it and its host (0: off). Heartbeats come from a thread of their own,
+    so a long step or checkpoint is not silence. Horovod's stall inspector shuts down after twice
+    this long, for launches without MPI (``horovodrun --gloo``)."""
 
 
 class TrainConfig(_Section):

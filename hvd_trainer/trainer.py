@@ -29,7 +29,8 @@ from .output import Output
 from .schedule import build_optimizer, build_scheduler, lr_scale
 from .state import TrainState
 from .strategies import make_strategy
-from .errors import NonFiniteError
+from .control import ControlPlane, MPIControlPlane, StopSignals, open_control_plane
+from .errors import NonFiniteError, Preempted
 from .strategies.base import NonFiniteGradient, StepPlan, Strategy, unwrap
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,9 +64,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, strategy: Strategy, *, model: Optional[nn.Module] = None,
                  train_data: Optional[Dataset] = None, test_data: Optional[Dataset] = None,
-                 loss_fn: Optional[LossFn] = None) -> None:
+                 loss_fn: Optional[LossFn] = None, control: Optional[ControlPlane] = None) -> None:
         self.t_start = time.perf_counter()
         self.cfg, self.strategy = cfg, strategy
+        self.control = control or ControlPlane(StopSignals(()))
+        self.preempted = False
         self.out = Output(cfg.run_dir, strategy.rank, cfg.runtime.progress, cfg.runtime.log_every_rank)
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.metrics = RunMetrics()
@@ -131,6 +134,10 @@ class Trainer:
         self.print_plan()
         while self.state.epoch < self.cfg.epochs and not self.stop_requested:
             completed = self.train_epoch()
+            if self.preempted:  # saved at the step; the time left before a SIGKILL is short
+                self.strategy.allreduce(torch.zeros(1))  # no rank leaves before rank 0 has written
+                raise Preempted(f"stopped by {self.control.reason} at step {self.state.step}; "
+                                f"resume with checkpoint.resume=auto{self._last_good()}")
             self.evaluate()
             self.log_epoch()
             every = self.cfg.checkpoint.every_epochs
@@ -166,6 +173,8 @@ class Trainer:
             bar.update(float(loss) if loss is not None else float("nan"), count * self.strategy.dp_size / max(1e-9, time.perf_counter() - t0))
             if cfg.max_steps and st.step >= cfg.max_steps:
                 self.stop_requested = True
+            if self.control.step_boundary(st.step):  # a stop signal: the same step on every rank
+                self.stop_requested = self.preempted = True
             if (cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0) or self.stop_requested:
                 m.train_seconds += time.perf_counter() - t0
                 self.save()
@@ -359,15 +368,25 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Op
     _agree_on_config(cfg)
     strategy = make_strategy(cfg)
     strategy.init()
+    control: Optional[ControlPlane] = None
+
+    def teardown(reason: Optional[str] = None) -> None:
+        strategy.shutdown(reason=reason)
+        if control is not None:  # after the strategy: a PS server finishes once the workers left
+            control.close()
+
     try:
         type(strategy).check(cfg, strategy.size)
         duty = strategy.role()
+        control = open_control_plane(size=strategy.size, is_training=duty is None,
+                                     peer_timeout_s=cfg.runtime.peer_timeout_s,
+                                     stop_signals=cfg.checkpoint.stop_signals, allreduce=strategy.allreduce)
         summary: dict[str, Any] = {}
         if duty is not None:
             duty()
         else:
             trainer = Trainer(cfg, strategy, model=model, train_data=train_data, test_data=test_data,
-                              loss_fn=loss_fn)
+                              loss_fn=loss_fn, control=control)
             try:
                 summary = trainer.fit()
                 if on_end is not None:
@@ -377,7 +396,12 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Op
                 del trainer
                 gc.collect()
     except ConfigError as err:
-        strategy.shutdown(reason=str(err))
+        teardown(reason=str(err))
+        raise
+    except Preempted as err:  # every training rank, at the same step, after the checkpoint
+        if strategy.rank == 0:
+            print(f"hvd-train: {err.message}; exiting {err.code}", file=sys.stderr, flush=True)
+        teardown()
         raise
     except NonFiniteError as err:
         if strategy.size <= 1:
@@ -388,9 +412,14 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Op
         if strategy.size <= 1 or (isinstance(err, SystemExit) and not err.code):
             raise
         sys.stdout.flush()
+        lost = control.census() if isinstance(control, MPIControlPlane) else []
+        if lost:  # a peer died or froze, and this rank's collective failed on it: name the cause
+            print(f"hvd-train: {control.describe(strategy.rank)}: "
+                  f"{', '.join(control.describe(r) for r in lost)} does not answer (killed, stopped, or "
+                  f"its node is down); ending the job", file=sys.stderr)
         print(f"hvd-train: rank {strategy.rank} failed: {type(err).__name__}: {err}", file=sys.stderr)
         traceback.print_exc()
         sys.stderr.flush()
         abort_job(1)
-    strategy.shutdown()
+    teardown()
     return summary

@@ -51,6 +51,12 @@ def _rendezvous(cfg: DDPConfig) -> tuple[int, int, int, int, str]:
     return out
 
 
+def _collective_timeout(peer_timeout_s: float) -> timedelta:
+    """gloo's own timeout on a collective: the backstop for a lost rank where the control plane
+    has no side channel (torchrun); generous, since a peer may be writing a checkpoint."""
+    return timedelta(seconds=max(60.0, 4 * peer_timeout_s) if peer_timeout_s > 0 else 1800.0)
+
+
 class DDPStrategy(Strategy):
     name = "ddp"
 
@@ -64,7 +70,7 @@ class DDPStrategy(Strategy):
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
         dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method=method, rank=self.rank, world_size=self.size,
-                                timeout=timedelta(minutes=5))
+                                timeout=_collective_timeout(self.cfg.runtime.peer_timeout_s))
         torch.set_num_threads(threads_per_rank(self.cfg.runtime.threads, self.local_size))
 
     def shutdown(self, reason: Optional[str] = None) -> None:

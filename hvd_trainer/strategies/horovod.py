@@ -49,6 +49,18 @@ def apply_horovod_env(cfg: HorovodConfig, environ: Optional[dict] = None) -> dic
     return effective
 
 
+def apply_stall_env(peer_timeout_s: float, environ: Optional[dict] = None) -> dict[str, Optional[str]]:
+    """Horovod's stall inspector as the backstop for a lost rank where the control plane has no
+    side channel (``horovodrun --gloo``): warn after ``peer_timeout_s``, shut down after twice
+    that (under MPI the heartbeat names the lost rank first). A value in the environment wins."""
+    env = os.environ if environ is None else environ
+    names = ("HOROVOD_STALL_CHECK_TIME_SECONDS", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")
+    if peer_timeout_s > 0:
+        env.setdefault(names[0], str(max(1, round(peer_timeout_s))))
+        env.setdefault(names[1], str(max(2, round(2 * peer_timeout_s))))
+    return {name: env.get(name) for name in names}
+
+
 class HorovodStrategy(Strategy):
     name = "horovod"
 
@@ -65,6 +77,7 @@ class HorovodStrategy(Strategy):
 
     def init(self) -> None:
         self._env = apply_horovod_env(self.hcfg)
+        self._env.update(apply_stall_env(self.cfg.runtime.peer_timeout_s))
         try:
             import horovod.torch as hvd
         except ImportError as err:

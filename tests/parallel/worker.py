@@ -4,7 +4,8 @@
 
 ``test.fail_rank=R test.fail_step=S`` (consumed here, not trainer config) makes rank R raise
 inside its loss at step S, to check that a failing rank brings the job down;
-``test.nan_rank=R test.nan_steps=S1,S2`` makes rank R's loss NaN at those loss calls.
+``test.nan_rank=R test.nan_steps=S1,S2`` makes rank R's loss NaN at those loss calls;
+``test.step_sleep=SECONDS`` slows every loss call down.
 """
 import sys
 
@@ -41,6 +42,17 @@ if "nan_rank" in test_opts:
         return loss * float("nan") if rank == nan_rank and calls["n"] in nan_steps else loss
 
     loss_fn = nan_loss
+
+if "step_sleep" in test_opts:  # slow every step down, to act on the job while it trains
+    import time
+
+    pause, inner = float(test_opts["step_sleep"]), loss_fn
+
+    def slow_loss(logits, y):
+        time.sleep(pause)
+        return inner(logits, y)
+
+    loss_fn = slow_loss
 
 
 def save_final_weights(trainer):
