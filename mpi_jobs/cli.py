@@ -54,6 +54,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     p.add_argument("--sbatch", metavar="FILE", help="write a SLURM batch script (srun or --launcher mpirun) to FILE")
     p.add_argument("--time", default="01:00:00", help="--sbatch: wall-clock limit")
+    p.add_argument("--signal-seconds", type=int, default=120, metavar="N",
+                   help="--sbatch: SLURM sends SIGUSR1 N seconds before the time limit; the ranks stop "
+                        "together with a checkpoint and the job is requeued (0: no warning signal)")
     p.add_argument("--no-requeue", action="store_true",
                    help="--sbatch: do not ask SLURM to requeue the job after preemption or node failure")
     p.add_argument("program", nargs=argparse.REMAINDER, help="-- program and its arguments")
@@ -73,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         hosts = list(_hosts(args.hosts) or {})
         job = BatchJob(program=program, ntasks=args.np, nodes=args.nodes or (len(hosts) or None),
                        time=args.time, launcher=launcher, nodelist=hosts, map_by=args.map_by,
-                       requeue_on_preempt=not args.no_requeue)
+                       requeue_on_preempt=not args.no_requeue, signal_seconds=args.signal_seconds)
         if args.dry_run:
             sys.stdout.write(job.script())
             return 0

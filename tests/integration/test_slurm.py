@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
-from conftest import BIN, run_cmd
+from conftest import BIN, WORKER, assert_same, mpirun, run_cmd
+from running import metrics_rows
 from mpi_jobs import srun_command
 from mpi_jobs.slurm import BatchJob
 from slurm_cluster import SlurmCluster, available
@@ -57,3 +61,48 @@ def test_batch_script_is_built_from_argument_lists(tmp_path):
     assert "#SBATCH --ntasks=8" in text and "#SBATCH --nodes=2" in text and "#SBATCH --requeue" in text
     assert "srun --ntasks=8 --mpi=pmix --cpus-per-task=1 hvd-train 'my config.yaml' optim.lr=0.1" in text
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+
+def _job_state(slurm, job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=slurm.env, capture_output=True, text=True).stdout
+    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+def test_a_warning_signal_stops_requeues_and_resumes_exactly(slurm, tmp_path):
+    """SLURM's warning signal (here sent by hand: scancel --signal=USR1 --batch) reaches the
+    batch shell, which forwards it to the ranks; they stop at one step with a checkpoint, exit
+    75, the script requeues the job, and the requeued job resumes to weights bit-identical to a
+    run that was never interrupted: no step trained twice or skipped."""
+    program = [sys.executable, WORKER, "data.name=digits", "model.name=mlp", "model.hidden=[32]", "epochs=4",
+               "checkpoint.every_epochs=0", "runtime.progress=false", "test.step_sleep=0.02"]
+    mpirun(2, program + [f"run_dir={tmp_path / 'whole'}"], timeout=180)
+    run = tmp_path / "run"
+    job = BatchJob(program=program + [f"run_dir={run}"], ntasks=2, time="00:10:00", output=str(tmp_path / "job.out"),
+                   env={"PATH": f"{BIN}:/usr/bin:/bin", "OMPI_MCA_mpi_yield_when_idle": "1"},
+                   requeue_on_preempt=True, signal_seconds=60)
+    assert "#SBATCH --signal=B:USR1@60" in job.script()
+    (tmp_path / "job.sh").write_text(job.script())
+    res = run_cmd(["sbatch", "--parsable", str(tmp_path / "job.sh")], timeout=60, env=_env(slurm))
+    assert res.returncode == 0, res.output
+    job_id = res.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 120
+    while metrics_rows(run) < 1:  # under way: past the first epoch
+        assert time.monotonic() < deadline, _job_state(slurm, job_id)
+        time.sleep(0.1)
+    assert run_cmd(["scancel", "--signal=USR1", "--batch", job_id], timeout=30, env=_env(slurm)).returncode == 0
+    deadline = time.monotonic() + 240
+    while (state := _job_state(slurm, job_id)).get("JobState") != "COMPLETED":
+        assert state.get("JobState") in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING"), (state, slurm.logs())
+        assert time.monotonic() < deadline, (state, slurm.logs())
+        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+            # slurmctld holds a requeued job back for a while; a user would wait, the test need not
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm.env)
+        time.sleep(0.5)
+    out = (tmp_path / "job.out").read_text()
+    assert int(state["Restarts"]) == 1, state
+    assert "forwarding it to the ranks" in out and "requeueing job" in out and "exiting 75" in out, out
+    stopped_at = int(out.split("stopped by SIGUSR1")[1].split("at step ")[1].split(";")[0])
+    assert f"at step {stopped_at} " in out.split("requeueing job")[1]  # the requeued job resumed there
+    for r in range(2):
+        assert_same(torch.load(tmp_path / "whole" / f"params_rank{r}.pt", weights_only=True),
+                    torch.load(run / f"params_rank{r}.pt", weights_only=True), exact=True)
