@@ -6,12 +6,14 @@
     hvd-launch -np 4 --hosts node1:2,node2:2 --tcp-subnet 198.18.0.0/24 -- hvd-train my.yaml
     hvd-launch --dry-run -np 2 -- hvd-train digits     # print the argument list only
     hvd-launch --sbatch job.sh -np 8 --nodes 2 -- hvd-train my.yaml   # write a SLURM batch script
+    hvd-launch --testbed 3 -- hvd-train my.yaml   # rehearse 3 nodes on this machine (root)
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
+import subprocess
 import sys
 from typing import Optional
 
@@ -44,7 +46,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--launcher", choices=["mpirun", "horovodrun", "srun"],
                    help="default: mpirun to run now, srun inside an --sbatch script")
-    p.add_argument("-np", type=int, required=True, help="number of ranks")
+    p.add_argument("-np", type=int, help="number of ranks (with --testbed: default one per host)")
     p.add_argument("--hosts", help="host:slots,host:slots")
     p.add_argument("--map-by", help="mpirun --map-by value (e.g. ppr:1:node)")
     p.add_argument("--tcp-subnet", help="restrict MPI traffic to this subnet (multi-host)")
@@ -59,11 +61,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "together with a checkpoint and the job is requeued (0: no warning signal)")
     p.add_argument("--no-requeue", action="store_true",
                    help="--sbatch: do not ask SLURM to requeue the job after preemption or node failure")
+    p.add_argument("--testbed", type=int, metavar="N",
+                   help="rehearse a multi-node run here: start N namespace hosts (root), run mpirun "
+                        "(or horovodrun --gloo) across them from the first, tear them down")
+    p.add_argument("--testbed-rate-mbit", type=float, metavar="R", help="--testbed: cap every host's link at R Mbit/s")
     p.add_argument("program", nargs=argparse.REMAINDER, help="-- program and its arguments")
     args = p.parse_args(argv)
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not program:
         p.error("no program given (hvd-launch ... -- PROGRAM ARGS)")
+    if args.testbed:
+        if args.sbatch or args.hosts or args.launcher == "srun":
+            p.error("--testbed makes its own hosts: no --hosts, --sbatch or srun")
+        return _on_testbed(args, program)
+    if args.np is None:
+        p.error("-np is required")
     if args.sbatch:
         from .slurm import BatchJob
 
@@ -91,6 +103,39 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     os.execvp(cmd[0], cmd)
     return 127  # not reached
+
+
+def _on_testbed(args: argparse.Namespace, program: list[str]) -> int:
+    """Start a testbed of ``args.testbed`` hosts, run the launcher on its first host with
+    ``np / hosts`` ranks per host, and tear it down whatever happens (Ctrl-C included)."""
+    from .testbed import Testbed
+
+    n = args.testbed
+    np = args.np or n
+    if np % n:
+        print(f"hvd-launch: -np {np} is not a multiple of --testbed {n}", file=sys.stderr)
+        return 2
+    tb = Testbed(hosts_count=n, rate_mbit=args.testbed_rate_mbit)
+
+    def command() -> list[str]:
+        if args.launcher == "horovodrun":
+            return tb.horovodrun_command(program, slots=np // n)  # Gloo: MPI's flags are ours
+        return tb.mpirun_command(program, slots=np // n, map_by=args.map_by)
+
+    if args.dry_run:
+        tb.layout(0)  # the names and subnet of the first free testbed
+        print("+ " + shlex.join(command()), file=sys.stderr)
+        return 0
+    with tb:
+        print(f"hvd-launch: testbed of {n} hosts ({', '.join(f'{h.name}={h.address}' for h in tb.hosts)}, "
+              f"interface eth0, subnet {tb.subnet}); running on {tb.hosts[0].name}", file=sys.stderr)
+        cmd = command()
+        print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
+        try:
+            return subprocess.run(tb.on_host(tb.hosts[0], cmd)).returncode
+        except KeyboardInterrupt:  # the ranks got the Ctrl-C too; the testbed goes with ``with``
+            print("hvd-launch: interrupted, tearing the testbed down", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

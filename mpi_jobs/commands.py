@@ -10,6 +10,23 @@ from typing import Mapping, Optional, Sequence
 
 from hvd_trainer.launch_env import MPI_RUNTIME_DEFAULTS, usable_cores
 
+# What a rank started on another host needs from the launcher's environment: ssh gives it a
+# fresh one (PATH=/usr/bin:/bin, no venv). The interpreter and libraries, thread counts, the
+# trainer's and Horovod's knobs, and the test suite's process tags (tests/conftest.py finds
+# leftover ranks by them). Forwarded by name with ``-x NAME``, only when set.
+FORWARD_VARS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONUNBUFFERED",
+                "OMP_NUM_THREADS", "MKL_NUM_THREADS", "HVD_TRAINER_TEST_SESSION", "HVD_TRAINER_TEST_TAG",
+                *MPI_RUNTIME_DEFAULTS)
+FORWARD_PREFIXES = ("HOROVOD_", "GLOO_", "NCCL_")
+
+
+def forwarded_names(environ: Optional[Mapping[str, str]] = None) -> list[str]:
+    """Names from :data:`FORWARD_VARS` and :data:`FORWARD_PREFIXES` set in ``environ`` (default:
+    this process's), in a stable order."""
+    env = os.environ if environ is None else environ
+    names = [n for n in FORWARD_VARS if n in env]
+    return names + sorted(n for n in env if n.startswith(FORWARD_PREFIXES) and n not in names)
+
 
 def _hosts_arg(hosts: Optional[Mapping[str, int]]) -> list[str]:
     return ["-H", ",".join(f"{h}:{n}" for h, n in hosts.items())] if hosts else []
@@ -20,10 +37,14 @@ def mpirun_command(np: int, program: Sequence[str], *, hosts: Optional[Mapping[s
                    map_by: Optional[str] = None, bind_to: Optional[str] = None,
                    oversubscribe: Optional[bool] = None, yield_when_idle: Optional[bool] = None,
                    tcp_subnet: Optional[str] = None, mca: Optional[Mapping[str, str]] = None,
-                   allow_root: Optional[bool] = None, extra: Sequence[str] = ()) -> list[str]:
+                   allow_root: Optional[bool] = None, hostfile: Optional[str] = None,
+                   forward_env: Optional[bool] = None, extra: Sequence[str] = ()) -> list[str]:
     """Open MPI ``mpirun``.
 
     - ``env``: variables set for every rank (``-x NAME=VALUE``); ``export``: names forwarded as is.
+    - ``hosts`` (``-H host:slots,...``) or ``hostfile`` (``--hostfile``) place ranks on other
+      hosts; then ``forward_env`` (default: on whenever hosts or a hostfile are given) adds
+      ``-x NAME`` for every variable of :func:`forwarded_names` set here, after ``export``.
     - ``oversubscribe``/``yield_when_idle`` default to on when ``np`` exceeds the cores this
       process may use (its affinity: ``taskset`` or a cgroup may allow fewer than the machine
       has); then a rank blocked in MPI must yield its core rather than busy-poll. The yield
@@ -44,6 +65,8 @@ def mpirun_command(np: int, program: Sequence[str], *, hosts: Optional[Mapping[s
     if over:
         cmd.append("--oversubscribe")
     cmd += _hosts_arg(hosts)
+    if hostfile:
+        cmd += ["--hostfile", hostfile]
     if map_by:
         cmd += ["--map-by", map_by]
     if bind_to:
@@ -60,23 +83,35 @@ def mpirun_command(np: int, program: Sequence[str], *, hosts: Optional[Mapping[s
         cmd += ["--mca", key, str(value)]
     for name, value in (env or {}).items():
         cmd += ["-x", f"{name}={value}"]
-    for name in export:
+    names = list(export)
+    if forward_env if forward_env is not None else bool(hosts or hostfile):
+        names += [n for n in forwarded_names() if n not in names and n not in (env or {})]
+    for name in names:
         cmd += ["-x", name]
     return cmd + list(extra) + list(program)
 
 
 def horovodrun_command(np: int, program: Sequence[str], *, hosts: Optional[Mapping[str, int]] = None,
                        gloo: bool = False, network_interfaces: Sequence[str] = (),
-                       ssh_port: Optional[int] = None, extra: Sequence[str] = ()) -> list[str]:
-    """``horovodrun`` with the Gloo or MPI controller. Without ``hosts`` it runs on localhost."""
+                       ssh_port: Optional[int] = None, ssh_identity_file: Optional[str] = None,
+                       hostfile: Optional[str] = None, start_timeout: Optional[int] = None,
+                       extra: Sequence[str] = ()) -> list[str]:
+    """``horovodrun`` with the Gloo or MPI controller. Without ``hosts`` or ``hostfile`` it runs
+    on localhost. Across hosts, ``network_interfaces`` must name an interface every host has
+    (e.g. ``eth0``) and every hostname must resolve on every host. horovodrun forwards this
+    process's environment to remote ranks itself (Gloo) or with ``-x`` (MPI)."""
     cmd = ["horovodrun", "-np", str(np)]
-    cmd += _hosts_arg(hosts or {"localhost": np})
+    cmd += ["-hostfile", hostfile] if hostfile else _hosts_arg(hosts or {"localhost": np})
     if gloo:
         cmd.append("--gloo")
     if network_interfaces:
         cmd += ["--network-interfaces", ",".join(network_interfaces)]
     if ssh_port:
         cmd += ["-p", str(ssh_port)]
+    if ssh_identity_file:
+        cmd += ["-i", ssh_identity_file]
+    if start_timeout:
+        cmd += ["--start-timeout", str(start_timeout)]
     return cmd + list(extra) + list(program)
 
 
