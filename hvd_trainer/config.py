@@ -8,6 +8,7 @@ collective is entered.
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 import re
@@ -51,10 +52,40 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: Literal["digits", "synthetic", "npz"] = "digits"
-    """Data set: the digits set scikit-learn ships, seeded synthetic data, or a user's .npz."""
+    name: Literal["digits", "synthetic", "npz", "shards", "images"] = "digits"
+    """Data set: the digits set scikit-learn ships, seeded synthetic data, a user's .npz, a
+    glob of .npz shards (each rank opens only its own), or a folder of class subfolders of
+    PNG/JPEG images (decoded in the loader's workers)."""
     path: Optional[str] = None
-    """For ``npz``: a file with x_train, y_train, x_test, y_test (or x, y split by test_fraction)."""
+    """For ``npz``: a file with x_train, y_train, x_test, y_test (or x, y split by test_fraction).
+    For ``shards``: a glob of training shards, each an .npz with ``x`` and ``y``. For ``images``:
+    the root folder, one subfolder per class."""
+    test_path: Optional[str] = None
+    """For ``shards``: a glob of held-out shards (required). For ``images``: a root folder of
+    held-out images (default: split the training folder by test_fraction)."""
+    num_workers: int = Field(2, ge=0, le=256)
+    """Loader worker processes per rank for data sets that are not in-memory tensors (decode
+    and augmentation run there); 0: in the training process. In-memory tensors never use them."""
+    prefetch_factor: int = Field(2, ge=1, le=1024)
+    """Batches each worker prepares ahead (num_workers > 0)."""
+    pin_memory: bool = True
+    """Page-locked host batches for faster, asynchronous copies to the GPU (CUDA only)."""
+    persistent_workers: bool = True
+    """Keep the workers alive from one epoch to the next (num_workers > 0)."""
+    worker_start: Literal["fork", "forkserver", "spawn"] = "fork"
+    """How workers start; ``forkserver``/``spawn`` where fork after MPI init is unsafe (some
+    InfiniBand stacks); they need a picklable data set."""
+    uneven_shards: Literal["pad", "truncate"] = "pad"
+    """For ``shards``: ranks whose shards hold fewer samples than the largest rank's repeat some
+    of their own (``pad``), or every rank stops at the smallest rank's count (``truncate``); so
+    every rank runs the same number of steps."""
+    augment: Literal["none", "crop_flip"] = "none"
+    """For ``images``: training augmentation (random 4-pixel-padded crop and horizontal flip);
+    seeded per sample, so it is reproducible at any worker count and across a resume."""
+    image_size: Optional[list[int]] = None
+    """For ``images``: resize every image to [height, width] (default: they must agree)."""
+    image_mode: Literal["RGB", "L"] = "RGB"
+    """For ``images``: decode to 3-channel colour or 1-channel grey."""
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     """Held-out share when the data set has no test split of its own."""
     synthetic_samples: int = Field(2048, ge=2)
@@ -75,6 +106,20 @@ class DataConfig(_Section):
                 raise _FieldError("path", "data.name=npz needs data.path")
             if not Path(self.path).is_file():
                 raise _FieldError("path", f"file not found: {self.path}")
+        if self.name == "shards":
+            for key in ("path", "test_path"):
+                pattern = getattr(self, key)
+                if not pattern:
+                    raise _FieldError(key, f"data.name=shards needs data.{key} (a glob of .npz shards)")
+                if not glob.glob(pattern):
+                    raise _FieldError(key, f"no file matches {pattern}")
+        if self.name == "images":
+            for key in ("path", "test_path"):
+                root = getattr(self, key)
+                if (key == "path" and not root) or (root and not Path(root).is_dir()):
+                    raise _FieldError(key, f"data.name=images needs a folder of class subfolders, got {root}")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise _FieldError("image_size", f"expected [height, width], got {self.image_size}")
         if any(d < 1 for d in self.synthetic_shape) or not self.synthetic_shape:
             raise _FieldError("synthetic_shape", "expected a list of positive ints")
         return self
@@ -94,6 +139,15 @@ class ModelConfig(_Section):
     sync_batchnorm: bool = False
     """Use synchronous BatchNorm across ranks; otherwise rank 0's BN buffers are broadcast
     before evaluation and checkpointing."""
+    recompute: bool = False
+    """Activation recomputation: keep only each block's input in the forward pass and recompute
+    the rest during backward (``torch.utils.checkpoint``): less memory, ~1 more forward of compute."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.recompute and self.sync_batchnorm:  # a recomputed forward would allreduce again in backward
+            raise _FieldError("recompute", "not supported with model.sync_batchnorm")
+        return self
 
 
 class OptimConfig(_Section):
@@ -124,6 +178,9 @@ class OptimConfig(_Section):
     (keeping the last good checkpoint), or ``skip`` the update, up to ``max_skipped_steps``."""
     max_skipped_steps: int = Field(10, ge=0)
     """With ``nonfinite: skip``: skipped steps allowed in a run before it stops."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Forward/loss precision: fp32, bf16 autocast (CPU or GPU), or fp16 autocast with a
+    gradient scaler (CUDA only; a step whose scaled gradient overflows is skipped on every rank)."""
 
 
 class HorovodConfig(_Section):
@@ -245,6 +302,14 @@ class TrainConfig(_Section):
                              "update is reduced inside the step)")
         if self.strategy == "horovod" and self.horovod.op == "adasum" and self.optim.nonfinite == "skip":
             raise _FieldError("optim.nonfinite", "skip is not supported with horovod.op=adasum: use stop")
+        if self.optim.precision == "fp16":
+            if self.strategy == "ps":
+                raise _FieldError("optim.precision", "fp16 is not supported with strategy=ps (the "
+                                 "servers would have to unscale); use bf16")
+            if self.horovod.op == "adasum":
+                raise _FieldError("optim.precision", "fp16 is not supported with horovod.op=adasum; use bf16")
+            if not _cuda_available():
+                raise _FieldError("optim.precision", "fp16 needs a CUDA GPU (none here); use bf16 on CPU")
         if self.horovod.op == "adasum" and self.optim.lr_scaling == "linear":
             raise _FieldError("optim.lr_scaling",
                              "Adasum on CPU takes no linear lr scaling: use none (or sqrt)")
@@ -252,6 +317,13 @@ class TrainConfig(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="python")
+
+
+def _cuda_available() -> bool:
+    """Imports torch only when asked (fp16), so loading a config stays light."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class _FieldError(ValueError):
