@@ -22,6 +22,7 @@ setup(
         "pydantic>=2.7",
         "tqdm",
         "scikit-learn",
+        "pillow",  # image folders (data.name: images)
     ],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"]},
     entry_points={

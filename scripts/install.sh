@@ -78,7 +78,7 @@ if [ "$SYSTEM_TORCH" = 1 ]; then
 else
   "${PIP[@]}" "$TORCH_PIN"
 fi
-"${PIP[@]}" numpy mpi4py pyyaml "pydantic>=2.7" tqdm scikit-learn pytest pytest-timeout pytest-random-order hypothesis \
+"${PIP[@]}" numpy mpi4py pyyaml "pydantic>=2.7" tqdm scikit-learn pillow pytest pytest-timeout pytest-random-order hypothesis \
   cloudpickle psutil packaging wheel setuptools
 
 # --- 4. Horovod, built once per (python, torch, MPI) and cached ---------------------------------
