@@ -6,7 +6,7 @@
     hvd-launch -np 4 --hosts node1:2,node2:2 --tcp-subnet 198.18.0.0/24 -- hvd-train my.yaml
     hvd-launch --dry-run -np 2 -- hvd-train digits     # print the argument list only
     hvd-launch --sbatch job.sh -np 8 --nodes 2 -- hvd-train my.yaml   # write a SLURM batch script
-    hvd-launch --testbed 3 -- hvd-train my.yaml   # rehearse 3 nodes on this machine (root)
+    hvd-launch -np 2 --container hvd-trainer --runtime charliecloud -- hvd-train digits  # in an image
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import subprocess
 import sys
 from typing import Optional
 
+from . import containers
 from .commands import horovodrun_command, mpirun_command, srun_command
 
 
@@ -32,9 +33,13 @@ def _hosts(spec: Optional[str]) -> Optional[dict[str, int]]:
 
 def build(args: argparse.Namespace) -> list[str]:
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    container = containers.from_args(args)
+    if container:
+        program = container.wrap(program)
     if args.launcher == "mpirun":
         return mpirun_command(args.np, program, hosts=_hosts(args.hosts), map_by=args.map_by,
-                              tcp_subnet=args.tcp_subnet)
+                              tcp_subnet=args.tcp_subnet,
+                              **(containers.mpirun_settings(container) if container else {}))
     if args.launcher == "horovodrun":
         return horovodrun_command(args.np, program, hosts=_hosts(args.hosts), gloo=args.gloo,
                                   network_interfaces=args.network_interfaces.split(",") if args.network_interfaces else ())
@@ -61,12 +66,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "together with a checkpoint and the job is requeued (0: no warning signal)")
     p.add_argument("--no-requeue", action="store_true",
                    help="--sbatch: do not ask SLURM to requeue the job after preemption or node failure")
+    containers.add_arguments(p)
     p.add_argument("--testbed", type=int, metavar="N",
                    help="rehearse a multi-node run here: start N namespace hosts (root), run mpirun "
                         "(or horovodrun --gloo) across them from the first, tear them down")
     p.add_argument("--testbed-rate-mbit", type=float, metavar="R", help="--testbed: cap every host's link at R Mbit/s")
     p.add_argument("program", nargs=argparse.REMAINDER, help="-- program and its arguments")
     args = p.parse_args(argv)
+    try:
+        containers.from_args(args)
+    except ValueError as e:
+        p.error(str(e))
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not program:
         p.error("no program given (hvd-launch ... -- PROGRAM ARGS)")
@@ -88,7 +98,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         hosts = list(_hosts(args.hosts) or {})
         job = BatchJob(program=program, ntasks=args.np, nodes=args.nodes or (len(hosts) or None),
                        time=args.time, launcher=launcher, nodelist=hosts, map_by=args.map_by,
-                       requeue_on_preempt=not args.no_requeue, signal_seconds=args.signal_seconds)
+                       requeue_on_preempt=not args.no_requeue, signal_seconds=args.signal_seconds,
+                       container=containers.from_args(args))
         if args.dry_run:
             sys.stdout.write(job.script())
             return 0
@@ -101,6 +112,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
     if args.dry_run:
         return 0
+    problem = containers.preflight(args, args.launcher)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     os.execvp(cmd[0], cmd)
     return 127  # not reached
 
