@@ -5,6 +5,13 @@
 #   scripts/install.sh --system-torch  # a cluster: keep the torch (CUDA) and MPI already on the
 #                                      # python you run this with; Horovod is built with NCCL when
 #                                      # torch sees CUDA (not exercised here: no GPU)
+#   scripts/install.sh --image         # inside a container build (containers/): no test tooling
+#                                      # (SLURM, sshd, Charliecloud), apt without recommends
+#
+# Environment (all optional): HVD_TRAINER_VENV (default REPO/.venv), HVD_TRAINER_CACHE (default
+# ~/.cache/hvd-trainer; a prefilled wheels/<key>/ skips the Horovod build), HVD_TRAINER_TORCH_VERSION
+# and HVD_TRAINER_HOROVOD_VERSION (the pins below), HVD_TRAINER_MPI_VERSION (fail unless the
+# system's Open MPI is this version: an image's MPI must match the cluster's).
 #
 # Horovod 0.28.1 (its last release) asks for C++14, but torch >= 2.1 headers need C++17, so the
 # sdist is patched to C++17 before it is built. The built wheel is cached outside git
@@ -14,13 +21,15 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${HVD_TRAINER_VENV:-$REPO/.venv}"
 CACHE="${HVD_TRAINER_CACHE:-$HOME/.cache/hvd-trainer}"
-TORCH_PIN="torch==2.13.0"
-HOROVOD_VERSION="0.28.1"
+TORCH_PIN="torch==${HVD_TRAINER_TORCH_VERSION:-2.13.0}"
+HOROVOD_VERSION="${HVD_TRAINER_HOROVOD_VERSION:-0.28.1}"
 SYSTEM_TORCH=0
+IMAGE=0
 for arg in "$@"; do
   case "$arg" in
     --system-torch) SYSTEM_TORCH=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --image) IMAGE=1 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -34,6 +43,7 @@ command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
 command -v mpicc  >/dev/null 2>&1 || need_apt+=(libopenmpi-dev)
 [ -x /usr/bin/cmake ] || need_apt+=(cmake)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+if [ "$IMAGE" = 0 ]; then  # test tooling: not needed inside an image
 # SLURM (slurmctld, slurmd, munge, srun with PMIx): the tests start a one-node cluster of their own
 command -v slurmctld >/dev/null 2>&1 || need_apt+=(slurm-wlm)
 # the hosts testbed (network namespaces, each "host" running a real sshd; tc caps links)
@@ -44,12 +54,25 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v ch-image >/dev/null 2>&1 || need_apt+=(charliecloud-runtime charliecloud-builders python3-lark)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
 command -v fakeroot >/dev/null 2>&1 || need_apt+=(fakeroot)
+fi
+# a bare base image (debootstrap minbase, debian:bookworm) has no python3, or no venv module
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+apt_opts=(-y -qq)
+[ "$IMAGE" = 1 ] && apt_opts+=(--no-install-recommends)
 if [ ${#need_apt[@]} -gt 0 ]; then
   command -v apt-get >/dev/null 2>&1 || die "missing ${need_apt[*]} and no apt-get: install MPI, cmake and g++ first"
   log "apt-get install ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install "${apt_opts[@]}" "${need_apt[@]}" >/dev/null
+fi
+if [ -n "${HVD_TRAINER_MPI_VERSION:-}" ]; then
+  have_mpi="$(mpirun --version 2>/dev/null | head -1)"
+  case "$have_mpi" in
+    *"Open MPI) $HVD_TRAINER_MPI_VERSION") ;;
+    *) die "HVD_TRAINER_MPI_VERSION=$HVD_TRAINER_MPI_VERSION but this system has '$have_mpi'" ;;
+  esac
 fi
 
 # --- 2. venv ---------------------------------------------------------------------------------------
@@ -90,9 +113,9 @@ key="hvd${HOROVOD_VERSION}-py${PY_VER}-torch${TORCH_VER}-${MPI_VER}-cuda${HAS_CU
 wheel_dir="$CACHE/wheels/$key"
 
 horovod_ok() {
-  "$PY" - <<'PYEOF' 2>/dev/null
-import horovod, horovod.torch as hvd
-assert horovod.__version__ == "0.28.1"
+  HVD_WANT="$HOROVOD_VERSION" "$PY" - <<'PYEOF' 2>/dev/null
+import os, horovod, horovod.torch as hvd
+assert horovod.__version__ == os.environ["HVD_WANT"]
 assert hvd.mpi_built() and hvd.gloo_built()
 PYEOF
 }
