@@ -99,7 +99,8 @@ class Testbed:
 
     @property
     def ssh_config(self) -> Path:
-        """The ssh client config (key, known_hosts): ``ssh -F`` it from outside the hosts."""
+        """The ssh client config (key, known_hosts). Inside a host it is also ``/etc/ssh/ssh_config``;
+        ``ssh -F`` it from a process that joined only a host's network namespace."""
         assert self.tmp is not None
         return self.tmp / "ssh" / "ssh_config"
 
