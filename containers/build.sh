@@ -12,7 +12,8 @@
 # 1. The base image: Docker Hub may be unreachable, so a Debian bookworm root file system is made
 #    with debootstrap from the mirror apt already uses, and imported as "hvd-base-bookworm"
 #    (once; later builds reuse it).
-# 2. A clean build context: the files git tracks or would track (no .venv, no runs/).
+# 2. A clean build context: the files git tracks or would track (no .venv, no runs/), without
+#    tests/ and benchmarks/ (the image does not need them).
 # 3. ch-image build --force (fakeroot for apt). The Dockerfile runs scripts/install.sh, as the
 #    README does on a host. Mounted for the build only: the host's pip sources (local indexes and
 #    find-links), its Horovod wheel cache ($HVD_TRAINER_CACHE/wheels: the image's key, python 3.11
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
     --base) BASE="$2"; shift 2 ;;
     --no-cache) CACHE_OPT=(--no-cache); shift ;;
     --if-changed) IF_CHANGED=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "build.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -73,7 +74,9 @@ t_base=$((SECONDS - t0))
 ctx="$tmp/context"
 mkdir -p "$ctx"
 (cd "$REPO" && git ls-files -z --cached --others --exclude-standard) \
-  | (cd "$REPO" && while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done) \
+  | (cd "$REPO" && while IFS= read -r -d '' f; do
+       case "$f" in tests/*|benchmarks/*) continue ;; esac  # not in the image: no rebuild for them
+       [ -f "$f" ] && printf '%s\0' "$f"; done) \
   | (cd "$REPO" && tar --null -T - -cf -) | tar -xf - -C "$ctx"
 
 # --- 3. build -----------------------------------------------------------------------------------------
