@@ -107,7 +107,8 @@ mkdir -p "$CACHE/wheels"
 args+=(-b "$CACHE/wheels:/var/cache/hvd-trainer/wheels")
 if [ -d "$HOME/.cache/pip" ]; then args+=(-b "$HOME/.cache/pip:/root/.cache/pip"); fi
 # what the image is made of: every file of the context and every argument
-recipe="$( (cd "$ctx" && find . -type f -print0 | sort -z | xargs -0 sha256sum; printf '%s\n' "${args[@]}") \
+# (the context's temp path left out: it differs on every run)
+recipe="$( (cd "$ctx" && find . -type f -print0 | sort -z | xargs -0 sha256sum; printf '%s\n' "${args[@]//$ctx/CONTEXT}") \
   | sha256sum | cut -c1-32)"
 stamp="$CACHE/containers/$TAG.recipe"
 if [ "$IF_CHANGED" = 1 ] && [ "$(cat "$stamp" 2>/dev/null)" = "$recipe" ] \
