@@ -52,8 +52,10 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 t0=$SECONDS
 
+# (list with --no-lock: a read; while another ch-image runs, a locked list fails and would read as
+# "absent")
 # --- 1. base image ----------------------------------------------------------------------------------
-if "${CH[@]}" list 2>/dev/null | grep -qx "$BASE"; then
+if "${CH[@]}" --no-lock list 2>/dev/null | grep -qx "$BASE"; then
   log "base image $BASE: present"
 else
   mirror="$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)"
@@ -112,7 +114,7 @@ recipe="$( (cd "$ctx" && find . -type f -print0 | sort -z | xargs -0 sha256sum; 
   | sha256sum | cut -c1-32)"
 stamp="$CACHE/containers/$TAG.recipe"
 if [ "$IF_CHANGED" = 1 ] && [ "$(cat "$stamp" 2>/dev/null)" = "$recipe" ] \
-   && "${CH[@]}" list 2>/dev/null | grep -qx "$TAG"; then
+   && "${CH[@]}" --no-lock list 2>/dev/null | grep -qx "$TAG"; then
   log "$TAG is up to date (recipe $recipe)"
   echo "$TAG"
   exit 0
