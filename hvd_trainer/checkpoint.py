@@ -41,6 +41,7 @@ SCHEMA: dict[str, type] = {
     "config": dict,           # the run's full config
     "world_size": int,        # ranks of the run that wrote it
     "strategy": str,          # strategy of the run that wrote it
+    "precision": dict,        # optim.precision and the fp16 gradient scaler's state ({} otherwise)
 }
 _NAME = re.compile(r"^ckpt-step(\d{9})\.pt$")
 _MAGIC = b"HVDCKPT1 sha256="

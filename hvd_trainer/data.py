@@ -81,7 +81,13 @@ def synthetic_arrays(samples: int, shape: list[int], classes: int, seed: int):
 
 
 def build_splits(cfg: DataConfig, seed: int) -> Splits:
-    """Every rank calls this with the same config and seed and gets identical splits."""
+    """Every rank calls this with the same config and seed and gets identical splits (shards:
+    the same unopened sets; the trainer binds each rank to its part)."""
+    if cfg.name in ("images", "shards"):
+        from .datasets import build_images, build_shards
+
+        train, test = build_images(cfg, seed) if cfg.name == "images" else build_shards(cfg)
+        return Splits(train, test, (), 0)  # shape and classes: from the data sets themselves
     if cfg.name == "digits":
         x, y = load_digits_arrays()
         return _tensors(*_split(x, y, cfg.test_fraction, seed))

@@ -247,3 +247,27 @@ def write_npz_shards(prefix: str, x: np.ndarray, y: np.ndarray, sizes: Sequence[
         paths.append(path)
         start += n
     return paths
+
+
+def build_shards(cfg) -> tuple[NpzShards, NpzShards]:
+    """(train, test) shard sets for ``data.name: shards``, not yet opened (see :meth:`NpzShards.bind`)."""
+    return (NpzShards(cfg.path, cfg.uneven_shards, "data.path"),
+            NpzShards(cfg.test_path, "pad", "data.test_path"))
+
+
+def bind_rank_local(datasets, rank: int, size: int, allgather: Allgather) -> None:
+    """Every training rank (collective): open each rank-local data set's part on this rank."""
+    for ds in datasets:
+        if hasattr(ds, "bind"):
+            ds.bind(rank, size, allgather)
+
+
+def data_summary(train, test, cfg) -> dict[str, Any]:
+    """What summary.json says about the data: the loader settings, and which shards each rank opened."""
+    indexed = isinstance(train, TensorDataset)  # in-memory tensors (shared or rank-local): no workers
+    out: dict[str, Any] = {"name": cfg.name, "loader": "tensors" if indexed else "workers",
+                           "num_workers": 0 if indexed else cfg.num_workers}
+    for key, ds in (("shards_opened", train), ("test_shards_opened", test)):
+        if isinstance(ds, NpzShards):
+            out[key] = ds.opened_by_rank
+    return out

@@ -161,12 +161,15 @@ class LoaderBatches:
         n = self.sampler.num_samples
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def batches_in(self, offset: int) -> int:
+        """Batches per rank in an epoch (``offset``: see :class:`~hvd_trainer.data.ShardedBatches`)."""
+        _no_offset(offset)
+        return len(self)
+
     def epoch(self, epoch: int, skip: int = 0, offset: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """Batches of ``epoch`` after the first ``skip`` (an exact resume: the sampler starts
         at sample ``skip * batch_size``)."""
-        if offset:
-            raise ConfigError("data.name: a changed number of ranks in the middle of an epoch is only "
-                              "supported for in-memory tensor data sets")
+        _no_offset(offset)
         if self._tensors is not None:  # rank-local tensors: index, as the fast path does
             idx = self.sampler.order(epoch)
             for b in range(skip, len(self)):
@@ -182,6 +185,12 @@ class LoaderBatches:
         if self.loader is not None and getattr(self.loader, "_iterator", None) is not None:
             self.loader._iterator._shutdown_workers()
             self.loader._iterator = None
+
+
+def _no_offset(offset: int) -> None:
+    if offset:
+        raise ConfigError("data.name: a number of ranks that changed in the middle of an epoch (elastic) "
+                          "is only supported for in-memory tensor data sets")
 
 
 def eval_loader(dataset: Dataset, batch_size: int, rank: int, size: int, cfg: DataConfig,

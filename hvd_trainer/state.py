@@ -37,7 +37,7 @@ class TrainState:
         payload = {"format": FORMAT, **s.state_dict(self.model, self.optimizer),
                    "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
                    "batch_in_epoch": self.batch_in_epoch, "rng": rngs, "config": self.config,
-                   "world_size": s.size, "strategy": s.name}
+                   "world_size": s.size, "strategy": s.name, "precision": s.precision.state_dict()}
         assert payload.keys() == SCHEMA.keys(), sorted(payload.keys() ^ SCHEMA.keys())
         return payload
 
@@ -51,6 +51,7 @@ class TrainState:
                               f"strategy={s.name}: set checkpoint.resume=never or another run_dir")
         s.load_state_dict(self.model, self.optimizer, payload)
         self.scheduler.load_state_dict(payload["scheduler"])
+        s.precision.load_state_dict(payload["precision"])
         self.step, self.epoch, self.batch_in_epoch = (int(payload[k]) for k in ("step", "epoch", "batch_in_epoch"))
         if len(payload["rng"]) == s.dp_size:
             rng.restore(payload["rng"][s.dp_rank])

@@ -22,7 +22,10 @@ from torch.utils.data import Dataset, TensorDataset
 
 from .checkpoint import Checkpointer, torch_load_bytes
 from .config import ConfigError, TrainConfig, check_agreement
-from .data import ShardedBatches, build_splits, eval_batches, worker_seed_everything
+from .data import build_splits, eval_batches, worker_seed_everything
+from .datasets import bind_rank_local, data_summary
+from .pipeline import eval_loader, is_fast_path, make_batches
+from .precision import Precision
 from .launch_env import abort_job, apply_mpi_defaults, launched_by_mpi
 from .models import build_model, count_parameters
 from .output import Output
@@ -86,19 +89,23 @@ class Trainer:
         if train_data is None or test_data is None:
             splits = build_splits(cfg.data, cfg.seed)
             train_data, test_data = splits.train, splits.test
+        # rank-local data sets (shards): each rank opens its own part; one small allgather
+        bind_rank_local((train_data, test_data), s.dp_rank, s.dp_size, s.allgather_object)
         self.train_data, self.test_data = train_data, test_data
+        self._eval_loader = None
         for name, ds in (("train_data", train_data), ("test_data", test_data)):
-            if isinstance(ds, TensorDataset) and any(t.is_floating_point() and not bool(torch.isfinite(t).all())
+            if is_fast_path(ds) and any(t.is_floating_point() and not bool(torch.isfinite(t).all())
                                                      for t in ds.tensors):
                 raise ConfigError(f"{name}: the data set holds NaN or infinity")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         if model is None:
-            shape, classes = (splits.input_shape, splits.num_classes) if splits else _shape_and_classes(train_data)
+            shape, classes = (splits.input_shape, splits.num_classes) if splits and splits.num_classes \
+                else _shape_and_classes(train_data, test_data)
             model = build_model(cfg.model, shape, classes)
         worker_seed_everything(cfg.seed, s.dp_rank)  # per-rank streams (dropout)
         k = cfg.optim.accumulation_steps
-        self.batches = ShardedBatches(train_data, cfg.batch_size, s.dp_rank, s.dp_size, cfg.seed,
-                                      cfg.data.shuffle, cfg.data.drop_last)
+        self.batches = make_batches(train_data, cfg.batch_size, s.dp_rank, s.dp_size, cfg.seed, cfg.data, s.device)
+        self.data_info = data_summary(train_data, test_data, cfg.data)
         self.steps_per_epoch = len(self.batches) // k  # a trailing group of < k micro-batches is dropped
         if self.steps_per_epoch == 0:  # the same verdict on every rank
             raise ConfigError(f"batch_size: {cfg.batch_size} x accumulation {k} leaves no full step "
@@ -111,6 +118,7 @@ class Trainer:
         if cfg.model.sync_batchnorm:
             model = s.sync_batchnorm(model)
         model = model.to(s.device)
+        s.precision = Precision(cfg.optim.precision, s.device)
         optimizer = build_optimizer(model.parameters(), cfg.optim, s.lr_ranks)
         self.n_params = count_parameters(model)
         plan = StepPlan(cfg.optim.accumulation_steps, self.steps_per_epoch, cfg.epochs)
@@ -124,7 +132,7 @@ class Trainer:
         from .strategies.base import unwrap
 
         view = {"model": {name: list(t.shape) for name, t in unwrap(self.state.model).state_dict().items()},
-                "data": {"train_samples": len(self.train_data), "test_samples": len(self.test_data),
+                "data": {"train_samples": _global_len(self.train_data), "test_samples": _global_len(self.test_data),
                          "steps_per_epoch": self.steps_per_epoch}}
         check_agreement(self.strategy.allgather_object(view), "model or data set")
 
@@ -223,9 +231,10 @@ class Trainer:
             s.broadcast_buffers(model)
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64)
-        for batch in eval_batches(self.test_data, max(256, self.cfg.batch_size), s.dp_rank, s.dp_size):
+        for batch in self._eval_batches(max(256, self.cfg.batch_size)):
             x, y = self._to_device(batch)
-            logits = model(x)
+            with s.precision.autocast():
+                logits = model(x).float()
             sums += torch.tensor([float(self.loss_fn(logits, y)) * len(y),
                                   float((logits.argmax(1) == y).sum()), float(len(y))], dtype=torch.float64)
         model.train()
@@ -233,6 +242,17 @@ class Trainer:
         self.metrics.last_eval = {"test_loss": float(total[0] / total[2]),
                                   "test_accuracy": float(total[1] / total[2]), "test_samples": int(total[2])}
         return self.metrics.last_eval
+
+    def _eval_batches(self, batch_size: int):
+        """This rank's held-out batches: a slice of shared tensors, all of a rank-local set, or
+        a slice through loader workers (built once)."""
+        s, ds = self.strategy, self.test_data
+        if isinstance(ds, TensorDataset):
+            local = getattr(ds, "rank_local", False)
+            return eval_batches(ds, batch_size, 0 if local else s.dp_rank, 1 if local else s.dp_size)
+        if self._eval_loader is None:
+            self._eval_loader = eval_loader(ds, batch_size, s.dp_rank, s.dp_size, self.cfg.data, s.device, self.cfg.seed)
+        return (tuple(b) for b in self._eval_loader)
 
     def log_epoch(self) -> None:
         st, m = self.state, self.metrics
@@ -300,6 +320,8 @@ class Trainer:
         self.out.print(f"  global_batch={self.global_batch_size()} (batch {c.batch_size} x accumulation "
                        f"{c.optim.accumulation_steps} x {s.dp_size} ranks)  steps/epoch={self.steps_per_epoch}  "
                        f"lr={c.optim.lr:g} -> {lr:g} ({c.optim.lr_scaling})  threads/rank={torch.get_num_threads()}")
+        self.out.print(f"  precision={c.optim.precision}  recompute={str(c.model.recompute).lower()}  "
+                       + "  ".join(f"data.{k}={v}" for k, v in self.data_info.items() if "shards" not in k))
         self.out.print("  " + "  ".join(f"{k}={v}" for k, v in s.settings().items()))
 
     def finish(self) -> dict[str, Any]:
@@ -316,6 +338,8 @@ class Trainer:
             "parameters": self.n_params, "seed": self.cfg.seed,
             "lr": st.optimizer.param_groups[0]["lr"],
             "skipped_steps": m.skipped_steps, "settings": s.settings(), **s.counters(),
+            "precision": self.cfg.optim.precision, "fp16_overflow_steps": s.precision.overflow_steps,
+            "recompute": self.cfg.model.recompute, "data": self.data_info,
         }
         self.out.summary(summary)
         self.out.print("summary: " + "  ".join(f"{k}={_fmt(summary[k])}" for k in (
@@ -328,9 +352,21 @@ class Trainer:
         group, which must not outlive the strategy's shutdown)."""
         self.out.close()
         self.state = None
+        for pipe in (getattr(self, "batches", None), getattr(self, "_eval_loader", None)):
+            close = getattr(pipe, "close", None) or getattr(getattr(pipe, "_iterator", None), "_shutdown_workers", None)
+            if close is not None:  # loader workers end with the run, not at garbage collection
+                close()
 
 
-def _shape_and_classes(dataset: Dataset) -> tuple[tuple[int, ...], int]:
+def _global_len(dataset: Dataset) -> int:
+    """Samples over all ranks (a rank-local data set holds only this rank's)."""
+    return int(getattr(dataset, "global_len", len(dataset)))
+
+
+def _shape_and_classes(dataset: Dataset, test: Optional[Dataset] = None) -> tuple[tuple[int, ...], int]:
+    if hasattr(dataset, "num_classes") and hasattr(dataset, "input_shape"):  # no scan of every label
+        classes = max(int(dataset.num_classes), int(getattr(test, "num_classes", 0)))
+        return tuple(dataset.input_shape), classes
     x0, _ = dataset[0]
     labels = dataset.tensors[1] if hasattr(dataset, "tensors") else torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
     return tuple(x0.shape), int(labels.max()) + 1

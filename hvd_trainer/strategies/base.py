@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
+from ..precision import Precision
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -48,6 +49,7 @@ class Strategy(ABC):
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self.precision = Precision()  # the trainer sets optim.precision's once the device is known
 
     # --- lifecycle (every rank) --------------------------------------------------------------------
     @abstractmethod
@@ -158,15 +160,24 @@ class NonFiniteGradient(RuntimeError):
     every rank, so every rank raises it at the same step."""
 
 
-def checked_update(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
+def checked_update(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                   precision: Optional[Precision] = None) -> None:
     """Clip (if asked) and step on gradients every rank holds alike, unless they are not finite.
-    One read of the gradients (the norm); clipping computes it anyway."""
+    One read of the gradients (the norm); clipping computes it anyway. With fp16's scaler the
+    gradients are unscaled first, and an overflow skips the step (every rank alike) instead of
+    raising: lowering the scale is the scaler's normal business."""
+    if precision is not None:
+        precision.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     if grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-    if not bool(torch.isfinite(norm)):
+    finite = bool(torch.isfinite(norm))
+    if precision is not None and precision.handles_overflow:  # fp16 on CUDA: not exercised here
+        precision.step(optimizer, finite)
+        return
+    if not finite:
         optimizer.zero_grad()
         raise NonFiniteGradient(f"gradient norm {float(norm)}")
     optimizer.step()
@@ -184,20 +195,24 @@ def average_op(op: str) -> bool:
 
 
 def mean_loss_step(model: nn.Module, micro_batches, loss_fn: LossFn,
-                   before_backward: Callable[[int], Any] = lambda i: None) -> torch.Tensor:
+                   before_backward: Callable[[int], Any] = lambda i: None,
+                   precision: Optional[Precision] = None) -> torch.Tensor:
     """Forward and backward over the micro-batches, each loss weighted by its share of the
     samples (1/k for equal sizes), so k micro-batches give the gradient of one k*b batch even
     when the last one is short. Returns the mean loss over the samples, detached.
 
     ``before_backward(i)`` may return a context manager (DDP's ``no_sync``) for micro-batch i.
+    ``precision``: forward and loss under its autocast, backward of the (fp16: scaled) loss.
     """
+    precision = precision or Precision()
     total_n = sum(len(y) for _, y in micro_batches)
     total = torch.zeros(())
     for i, (x, y) in enumerate(micro_batches):
         ctx = before_backward(i) or contextlib.nullcontext()
         with ctx:
-            loss = loss_fn(model(x), y) * (len(y) / total_n)
-            loss.backward()
+            with precision.autocast():
+                loss = loss_fn(model(x), y).float() * (len(y) / total_n)
+            precision.backward(loss)
         total += loss.detach()
     return total
 

@@ -100,8 +100,9 @@ class DDPStrategy(Strategy):
         last = len(micro_batches) - 1
         # Only the last micro-batch's backward allreduces; the others accumulate locally.
         loss = mean_loss_step(model, micro_batches, loss_fn,
-                              lambda i: model.no_sync() if i < last else None)
-        checked_update(model, optimizer, grad_clip)  # after backward, every rank holds the average
+                              lambda i: model.no_sync() if i < last else None, self.precision)
+        # after backward, every rank holds the average (fp16: unscaled, then checked)
+        checked_update(model, optimizer, grad_clip, self.precision)
         return loss
 
     def broadcast_parameters(self, model) -> None:

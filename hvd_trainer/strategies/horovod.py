@@ -114,7 +114,7 @@ class HorovodStrategy(Strategy):
 
     def train_step(self, model, optimizer, micro_batches: Sequence, loss_fn: LossFn, grad_clip: float):
         optimizer.zero_grad()
-        loss = mean_loss_step(model, micro_batches, loss_fn)
+        loss = mean_loss_step(model, micro_batches, loss_fn, precision=self.precision)
         if self.hcfg.op == "adasum":
             # Adasum reduces each rank's local update inside step(): nothing to check before it,
             # but the parameters after it are the same on every rank
@@ -123,11 +123,11 @@ class HorovodStrategy(Strategy):
             if not bool(torch.isfinite(norm)):
                 raise NonFiniteGradient(f"parameter norm {float(norm)} after an Adasum step")
             return loss
-        # Check and clip the *averaged* gradient: wait for the allreduce, then step without a
-        # second allreduce.
+        # Check and clip the *averaged* gradient (fp16: unscaled first): wait for the allreduce,
+        # then step without a second allreduce.
         optimizer.synchronize()
         with optimizer.skip_synchronize():
-            checked_update(model, optimizer, grad_clip)
+            checked_update(model, optimizer, grad_clip, self.precision)
         return loss
 
     def broadcast_parameters(self, model) -> None:

@@ -18,7 +18,7 @@ def _sealed(obj) -> bytes:
 def _payload(step):
     return {"format": FORMAT, "model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scheduler": {},
             "step": step, "epoch": 0, "batch_in_epoch": step, "rng": [], "config": {}, "world_size": 1,
-            "strategy": "horovod"}
+            "strategy": "horovod", "precision": {"name": "fp32", "scaler": {}}}
 
 
 def test_save_keeps_newest_k_and_leaves_no_temp_files(tmp_path):

@@ -164,7 +164,7 @@ class ParameterServerStrategy(Strategy):
     def train_step(self, model, optimizer, micro_batches, loss_fn, grad_clip):
         for p in self.params:
             p.grad = None
-        loss = mean_loss_step(model, micro_batches, loss_fn)
+        loss = mean_loss_step(model, micro_batches, loss_fn, precision=self.precision)  # fp32 or bf16
         if not bool(torch.isfinite(loss)):  # this worker's own verdict: never push it
             raise NonFiniteGradient(f"loss {float(loss)}")
         torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
