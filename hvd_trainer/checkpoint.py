@@ -36,7 +36,8 @@ SCHEMA: dict[str, type] = {
     "scheduler": dict,        # LambdaLR state (the step count the lr schedule is at)
     "step": int,              # optimizer steps taken
     "epoch": int,             # completed epochs
-    "batch_in_epoch": int,    # micro-batches consumed in the current epoch
+    "batch_in_epoch": int,    # micro-batches this rank consumed in the current epoch, after epoch_offset
+    "epoch_offset": int,      # samples of the epoch trained on before the ranks changed (elastic, resize)
     "rng": list,              # every training rank's random streams, in dp_rank order
     "config": dict,           # the run's full config
     "world_size": int,        # ranks of the run that wrote it

@@ -198,6 +198,10 @@ class HorovodConfig(_Section):
     """HOROVOD_CACHE_CAPACITY (None: Horovod's default, 1024)."""
     timeline: Optional[str] = None
     """HOROVOD_TIMELINE: write a Chrome-trace timeline to this file."""
+    elastic_commit_steps: int = Field(20, ge=1)
+    """Under Horovod elastic (``horovodrun --min-np/--max-np``): commit the training state in
+    memory every N steps and at every epoch end; a lost rank rolls the others back to the last
+    commit, and added hosts join at the next one."""
 
 
 class DDPConfig(_Section):

@@ -261,7 +261,7 @@ class MPIControlPlane(ControlPlane):
     # --- the end ------------------------------------------------------------------------------------------
     def close(self) -> None:
         """Every rank, once, after the strategy's shutdown: say goodbye to the successor, hear the
-        predecessor's goodbye (it may still be finishing; it is watched meanwhile), then free the
+        predecessor's goodbye (it may still be finishing; at most the peer timeout), then free the
         communicator."""
         super().close()
         self._closing.set()
@@ -269,12 +269,12 @@ class MPIControlPlane(ControlPlane):
         if self.size > 1:
             self._send(self.succ, TAG_BYE)
         status, buf = self.MPI.Status(), np.zeros(1, dtype=np.int64)
-        while not self._pred_done:
+        deadline = time.monotonic() + (self.timeout if self.timeout > 0 else 60.0)
+        while not self._pred_done and time.monotonic() < deadline:  # training is over: never abort here
             if self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG, status=status):
                 self.comm.Recv(buf, source=status.Get_source(), tag=status.Get_tag())
                 self._handle(status.Get_source(), status.Get_tag(), int(buf[0]))
             else:
-                self._check_pred()
                 time.sleep(0.01)
         self.MPI.Request.Waitall([r for r, _ in self._outbox])
         self.comm.Free()

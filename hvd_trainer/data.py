@@ -129,14 +129,38 @@ class ShardedBatches:
         self._tensors = dataset.tensors if isinstance(dataset, TensorDataset) else None
 
     def __len__(self) -> int:
-        n = self.sampler.num_samples
+        return self.batches_in(0)
+
+    def batches_in(self, offset: int) -> int:
+        """Batches per rank in an epoch whose first ``offset`` samples were already trained on."""
+        size = self.sampler.num_replicas
+        n = self.sampler.num_samples if offset == 0 else -(-(len(self.dataset) - offset) // size)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Batches of ``epoch``, starting after the first ``skip`` (for an exact resume)."""
+    def _indices(self, epoch: int, offset: int) -> torch.Tensor:
         self.sampler.set_epoch(epoch)
-        idx = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
-        for b in range(skip, len(self)):
+        if offset == 0:
+            return torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
+        # A membership change (Horovod elastic) mid-epoch: the samples of this epoch's global
+        # order not yet trained on are shared anew among the ranks there are now, the way the
+        # sampler shares a whole epoch (strided, padded by repeating the first ones).
+        s = self.sampler
+        if s.shuffle:
+            g = torch.Generator()
+            g.manual_seed(s.seed + epoch)
+            order = torch.randperm(len(self.dataset), generator=g)
+        else:
+            order = torch.arange(len(self.dataset))
+        rest = order[offset:]
+        pad = -len(rest) % s.num_replicas
+        rest = torch.cat([rest, rest[:pad]]) if pad else rest
+        return rest[s.rank::s.num_replicas]
+
+    def epoch(self, epoch: int, skip: int = 0, offset: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Batches of ``epoch``, starting after the first ``skip`` (for an exact resume); ``offset``:
+        samples of the epoch's global order trained on before the ranks changed (elastic)."""
+        idx = self._indices(epoch, offset)
+        for b in range(skip, self.batches_in(offset)):
             chunk = idx[b * self.batch_size:(b + 1) * self.batch_size]
             if self._tensors is not None:
                 yield tuple(t[chunk] for t in self._tensors)

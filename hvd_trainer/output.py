@@ -26,6 +26,15 @@ class Output:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._log = open(self.run_dir / f"rank{rank}.log", "a", buffering=1)
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1) if self.is_main else None
+        self._progress = progress
+
+    def renumber(self, rank: int) -> None:
+        """This process has another rank now (Horovod elastic): rank 0 is whoever holds it."""
+        self.rank, self.is_main = rank, rank == 0
+        self.progress_enabled = self._progress and self.is_main
+        if self.is_main and self._metrics is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
 
     def print(self, msg: str) -> None:
         """Rank 0 prints (above the progress bar); every rank with a log file records it."""

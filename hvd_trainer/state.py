@@ -27,7 +27,8 @@ class TrainState:
         self.config = config
         self.step = 0            # optimizer steps taken
         self.epoch = 0           # completed epochs
-        self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
+        self.batch_in_epoch = 0  # micro-batches this rank consumed in the current epoch
+        self.epoch_offset = 0    # samples of the epoch trained on before the ranks last changed
 
     def state_dict(self) -> dict[str, Any]:
         """Collective over the training ranks (gathers their RNG streams; a parameter server's
@@ -36,7 +37,7 @@ class TrainState:
         rngs = s.allgather_object(rng.capture())
         payload = {"format": FORMAT, **s.state_dict(self.model, self.optimizer),
                    "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
-                   "batch_in_epoch": self.batch_in_epoch, "rng": rngs, "config": self.config,
+                   "batch_in_epoch": self.batch_in_epoch, "epoch_offset": self.epoch_offset, "rng": rngs, "config": self.config,
                    "world_size": s.size, "strategy": s.name, "precision": s.precision.state_dict()}
         assert payload.keys() == SCHEMA.keys(), sorted(payload.keys() ^ SCHEMA.keys())
         return payload
@@ -52,9 +53,22 @@ class TrainState:
         s.load_state_dict(self.model, self.optimizer, payload)
         self.scheduler.load_state_dict(payload["scheduler"])
         s.precision.load_state_dict(payload["precision"])
-        self.step, self.epoch, self.batch_in_epoch = (int(payload[k]) for k in ("step", "epoch", "batch_in_epoch"))
+        self.step, self.epoch, self.batch_in_epoch, self.epoch_offset = (
+            int(payload[k]) for k in ("step", "epoch", "batch_in_epoch", "epoch_offset"))
+        non_training = s.size - s.dp_size  # parameter servers: the same count in a run that resumes
+        self.rebase(int(payload["world_size"]) - non_training, s.dp_size)
         if len(payload["rng"]) == s.dp_size:
             rng.restore(payload["rng"][s.dp_rank])
             return None
         return (f"the checkpoint has {len(payload['rng'])} ranks' random streams, this run {s.dp_size}: "
                 f"random streams restart (weights and position are exact)")
+
+    def rebase(self, old_ranks: int, new_ranks: int) -> None:
+        """The position in the current epoch, for ``new_ranks`` data-parallel ranks where it was
+        counted for ``old_ranks``: the samples the old ranks consumed become ``epoch_offset``, and
+        the rest of the epoch is shared among the new ranks (no sample seen twice or skipped)."""
+        if old_ranks == new_ranks or self.batch_in_epoch == 0:
+            return
+        batch = int(self.config["batch_size"])
+        self.epoch_offset += self.batch_in_epoch * batch * old_ranks
+        self.batch_in_epoch = 0

@@ -9,6 +9,7 @@ servers) never build a Trainer: ``train()`` sends them to their duty.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import sys
 import time
@@ -79,7 +80,6 @@ class Trainer:
         self.saved_step: Optional[int] = None  # the step of the newest checkpoint of this run
         model = self._build_data(train_data, test_data, model)
         self._build_training(model)
-        self._check_agreement()
         self.ckpt = Checkpointer(f"{cfg.run_dir}/checkpoints", cfg.checkpoint.keep)
 
     def _build_data(self, train_data, test_data, model) -> nn.Module:
@@ -138,7 +138,11 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        self.restore()
+        """Resume, train, summarize (every training rank); the strategy drives it."""
+        return self.strategy.run(self)
+
+    def loop(self) -> dict[str, Any]:
+        self._check_agreement()
         self.print_plan()
         while self.state.epoch < self.cfg.epochs and not self.stop_requested:
             completed = self.train_epoch()
@@ -151,6 +155,7 @@ class Trainer:
             every = self.cfg.checkpoint.every_epochs
             if completed and every and self.state.epoch % every == 0:
                 self.save()
+            self.strategy.step_done(self.state.step, epoch_end=True)  # after the epoch's row is out
         if self.saved_step != self.state.step:  # the trained model is always kept on disk
             self.save()
         return self.finish()
@@ -159,13 +164,14 @@ class Trainer:
         """Train to the end of the epoch (or to max_steps); whether the epoch completed."""
         st, cfg, k, m = self.state, self.cfg, self.cfg.optim.accumulation_steps, self.metrics
         first = st.batch_in_epoch // k
-        bar = self.out.progress(self.steps_per_epoch, f"epoch {st.epoch + 1}/{cfg.epochs}", first)
-        batches = self.batches.epoch(st.epoch, skip=st.batch_in_epoch)
+        steps = self.batches.batches_in(st.epoch_offset) // k  # fewer after the ranks changed mid-epoch
+        bar = self.out.progress(steps, f"epoch {st.epoch + 1}/{cfg.epochs}", first)
+        batches = self.batches.epoch(st.epoch, skip=st.batch_in_epoch, offset=st.epoch_offset)
         loss_sum, count = torch.zeros((), dtype=torch.float64), 0
         st.model.train()
         trained_before = m.train_seconds
         t0 = time.perf_counter()
-        for _ in range(first, self.steps_per_epoch):
+        for _ in range(first, steps):
             micro = [self._to_device(next(batches)) for _ in range(k)]
             try:
                 loss = self.strategy.train_step(st.model, st.optimizer, micro, self.loss_fn, cfg.optim.grad_clip)
@@ -183,6 +189,7 @@ class Trainer:
                 self.stop_requested = True
             if self.control.step_boundary(st.step):  # a stop signal: the same step on every rank
                 self.stop_requested = self.preempted = True
+            self.strategy.step_done(st.step)
             if (cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0) or self.stop_requested:
                 m.train_seconds += time.perf_counter() - t0
                 self.save()
@@ -192,10 +199,10 @@ class Trainer:
         m.train_seconds += time.perf_counter() - t0
         m.epoch_seconds = m.train_seconds - trained_before if first == 0 and not self.stop_requested else None
         bar.close()
-        completed = st.batch_in_epoch >= self.steps_per_epoch * k
+        completed = st.batch_in_epoch >= steps * k
         if completed:
             st.epoch += 1
-            st.batch_in_epoch = 0
+            st.batch_in_epoch = st.epoch_offset = 0
         totals = self.strategy.allreduce(torch.tensor([float(loss_sum), float(count)], dtype=torch.float64))
         m.samples_seen += int(totals[1])
         m.epoch_samples = int(totals[1])
@@ -280,16 +287,18 @@ class Trainer:
             self.out.log_rank(f"checkpoint {self.ckpt.save(payload)}")
         self.saved_step = self.state.step
 
-    def restore(self) -> None:
+    def restore(self, collective: bool = True) -> None:
         """Resume from rank 0's newest usable checkpoint (if any; every skipped one is reported),
-        then make every rank's parameters and optimizer state equal to rank 0's."""
+        then make every rank's parameters and optimizer state equal to rank 0's. Not
+        ``collective``: rank 0 alone loads it (Horovod elastic then syncs every rank to it)."""
         s, st = self.strategy, self.state
         message = None
         if s.rank == 0 and self.cfg.checkpoint.resume == "auto":
             found = self.ckpt.find()
             message = {"path": str(found.path) if found.path else None, "data": found.data,
                        "skipped": found.skipped, "unusable": found.unusable}
-        message = s.broadcast_object(message)  # rank 0 reads; no shared file system needed
+        if collective:
+            message = s.broadcast_object(message)  # rank 0 reads; no shared file system needed
         if message is not None:
             for path, reason in message["skipped"]:
                 self.out.print(f"hvd-train: skipped checkpoint {path}: {reason}")
@@ -305,8 +314,50 @@ class Trainer:
                     self.out.print(f"note: {note}")
                 self.out.print(f"resumed from {message['path']} at step {st.step} (epoch {st.epoch}, "
                                f"batch {st.batch_in_epoch})")
-        s.broadcast_parameters(st.model)
-        s.broadcast_optimizer_state(st.optimizer)
+        if collective:
+            s.broadcast_parameters(st.model)
+            s.broadcast_optimizer_state(st.optimizer)
+
+    # --- Horovod elastic: in-memory commits, and ranks that come and go ---------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """This rank's training state, copied (no communication): an elastic commit."""
+        st = self.state
+        return copy.deepcopy({"model": unwrap(st.model).state_dict(), "optimizer": st.optimizer.state_dict(),
+                              "scheduler": st.scheduler.state_dict(), "step": st.step, "epoch": st.epoch,
+                              "batch_in_epoch": st.batch_in_epoch, "epoch_offset": st.epoch_offset,
+                              "dp_size": self.strategy.dp_size, "metrics": self.metrics})
+
+    def load_snapshot(self, snap: dict[str, Any]) -> None:
+        """Back to a commit (this rank's own, or rank 0's after a sync); the position is then
+        re-expressed for the ranks there are now."""
+        st, snap = self.state, copy.deepcopy(snap)
+        unwrap(st.model).load_state_dict(snap["model"])
+        st.optimizer.load_state_dict(snap["optimizer"])
+        st.scheduler.load_state_dict(snap["scheduler"])
+        st.step, st.epoch, st.batch_in_epoch, st.epoch_offset = (
+            snap[k] for k in ("step", "epoch", "batch_in_epoch", "epoch_offset"))
+        self.metrics = snap["metrics"]
+        self.out.forget_metrics_after(st.step)  # rows of the work rolled back
+        st.rebase(snap["dp_size"], self.strategy.dp_size)
+        self._scale_lr()
+
+    def resize(self) -> None:
+        """The ranks changed (the strategy knows its new rank and size): shard the data anew and
+        scale the lr for the new number of ranks."""
+        cfg, s = self.cfg, self.strategy
+        self.out.renumber(s.rank)
+        if getattr(self.train_data, "rank_local", False):  # its files were dealt to the old ranks
+            raise ConfigError("data.name: shards cannot be re-dealt to a changed number of ranks (elastic)")
+        close = getattr(self.batches, "close", None)
+        if close is not None:  # the old pipeline's workers
+            close()
+        self.batches = make_batches(self.train_data, cfg.batch_size, s.dp_rank, s.dp_size, cfg.seed, cfg.data, s.device)
+        self.steps_per_epoch = len(self.batches) // cfg.optim.accumulation_steps
+        self._scale_lr()
+
+    def _scale_lr(self) -> None:
+        o, sched = self.cfg.optim, self.state.scheduler
+        sched.base_lrs = [o.lr * lr_scale(o.lr_scaling, self.strategy.lr_ranks) for _ in sched.base_lrs]
 
     # --- reporting ---------------------------------------------------------------------------------
     def global_batch_size(self) -> int:

@@ -47,7 +47,8 @@ class RunningJob:
     def output(self) -> str:
         return self.stdout + self.stderr
 
-    def ranks(self, np: int, timeout: float = 60) -> dict[int, psutil.Process]:
+    # generous deadlines: on one slow core, 4 ranks take a minute to start and train an epoch
+    def ranks(self, np: int, timeout: float = 180) -> dict[int, psutil.Process]:
         """The processes that run the program, by their MPI rank."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -55,7 +56,8 @@ class RunningJob:
             for child in psutil.Process(self.proc.pid).children(recursive=True):
                 try:
                     rank = child.environ().get("OMPI_COMM_WORLD_RANK")
-                    runs_program = any(self.marker in a for a in child.cmdline()[1:])
+                    cmdline = child.cmdline()
+                    runs_program = len(cmdline) > 1 and cmdline[1].endswith(self.marker)  # not a wrapper
                 except psutil.Error:
                     continue
                 if rank is not None and runs_program:
@@ -66,7 +68,7 @@ class RunningJob:
             time.sleep(0.1)
         raise AssertionError(f"ranks did not start within {timeout}s")
 
-    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while not check():
             assert self.proc.poll() is None, f"the job ended before {what}\n{self.stderr_now()}"

@@ -1,6 +1,8 @@
 """Gradient-exchange strategies behind one interface (:class:`~.base.Strategy`)."""
 from __future__ import annotations
 
+import os
+
 from ..config import TrainConfig
 from .base import Strategy
 
@@ -8,6 +10,9 @@ from .base import Strategy
 def strategy_class(name: str) -> type[Strategy]:
     """The class of strategy ``name`` (imports only what that strategy needs)."""
     if name == "horovod":
+        if os.environ.get("HOROVOD_ELASTIC") == "1":  # horovodrun --min-np/--max-np started it
+            from .horovod_elastic import ElasticHorovodStrategy
+            return ElasticHorovodStrategy
         from .horovod import HorovodStrategy
         return HorovodStrategy
     if name == "ddp":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +35,16 @@ class StepPlan:
     accumulation_steps: int  # micro-batches per optimizer step
     steps_per_epoch: int     # optimizer steps per epoch
     epochs: int
+
+
+class Trainable(Protocol):
+    """What a strategy's :meth:`Strategy.run` drives (the Trainer)."""
+
+    def restore(self, collective: bool = True) -> None: ...
+    def loop(self) -> dict[str, Any]: ...
+    def resize(self) -> None: ...
+    def snapshot(self) -> dict[str, Any]: ...
+    def load_snapshot(self, snap: dict[str, Any]) -> None: ...
 
 
 class Strategy(ABC):
@@ -69,6 +79,17 @@ class Strategy(ABC):
     def shutdown(self, reason: Optional[str] = None) -> None:
         """Tear communication down (every rank, once). ``reason``: why training did not run (a
         config error every training rank raised), for ranks that wait on the training ranks."""
+
+    # --- driving the loop (training ranks) ------------------------------------------------------------
+    def run(self, trainer: Trainable) -> dict[str, Any]:
+        """Resume (collective) and run the training loop; returns the summary. Horovod elastic
+        wraps the loop so that it survives ranks leaving and joining."""
+        trainer.restore()
+        return trainer.loop()
+
+    def step_done(self, step: int, epoch_end: bool = False) -> None:
+        """Every training rank, after each optimizer step and at each epoch end (collective where
+        a strategy makes it one: Horovod elastic commits its in-memory state here)."""
 
     # --- data-parallel view ------------------------------------------------------------------------
     @property

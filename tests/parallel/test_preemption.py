@@ -31,7 +31,7 @@ def test_a_signal_on_one_rank_stops_all_with_one_checkpoint_and_resume_is_exact(
     run = tmp_path / "stopped"
     with RunningJob(mpirun_command(np, _program(strategy, run)), program_marker="worker.py") as job:
         ranks = job.ranks(np)
-        job.wait_for("a first epoch", lambda: metrics_rows(run) >= 1, timeout=120)
+        job.wait_for("a first epoch", lambda: metrics_rows(run) >= 1)
         ranks[np - 1].send_signal(signal.SIGUSR1)  # the last rank only (for ps: the server)
         code = job.wait(120)
     assert code == EXIT_PREEMPTED, f"exit {code}\n{job.output[-3000:]}"
@@ -54,7 +54,7 @@ def test_a_signal_on_one_rank_stops_all_with_one_checkpoint_and_resume_is_exact(
 def test_sigterm_to_mpirun_writes_a_checkpoint_before_exit(tmp_path):
     with RunningJob(mpirun_command(2, _program("horovod", tmp_path)), program_marker="worker.py") as job:
         job.ranks(2)
-        job.wait_for("a first epoch", lambda: metrics_rows(tmp_path) >= 1, timeout=120)
+        job.wait_for("a first epoch", lambda: metrics_rows(tmp_path) >= 1)
         job.proc.send_signal(signal.SIGTERM)  # mpirun forwards it to every rank
         code = job.wait(60)
     assert code is not None and code != 0, job.output[-3000:]

@@ -10,7 +10,8 @@ import time
 import psutil
 import pytest
 
-from conftest import BIN, EQUIV_STEPS, WORKER, assert_same, mpirun, summary, train_params
+from conftest import EQUIV_STEPS, WORKER, assert_same, mpirun, summary, train_params
+from running import RunningJob, metrics_rows
 from mpi_jobs import mpirun_command
 
 SGD = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "optim.name=sgd", "optim.lr=0.05",
@@ -94,24 +95,6 @@ def test_bad_ps_config_exits_2_before_communicating(tmp_path, override, needle):
 REPORTER = str(WORKER).replace("worker.py", "exit_reporter.py")
 
 
-def _rank_processes(launcher: psutil.Process, np: int, deadline: float) -> dict[int, psutil.Process]:
-    """The training process of every rank (the child of its exit reporter)."""
-    while time.monotonic() < deadline:
-        found = {}
-        for child in launcher.children(recursive=True):
-            try:
-                rank = child.environ().get("OMPI_COMM_WORLD_RANK")
-                is_worker_script = any(a.endswith("worker.py") for a in child.cmdline())
-            except psutil.Error:
-                continue
-            if rank is not None and is_worker_script:
-                found[int(rank)] = child
-        if len(found) == np:
-            return found
-        time.sleep(0.2)
-    raise AssertionError("ranks did not start")
-
-
 @pytest.mark.parametrize("victim,how,culprit", [
     (1, signal.SIGKILL, "worker 1 (rank 1)"),
     (1, signal.SIGSTOP, "worker 1 (rank 1)"),
@@ -123,30 +106,19 @@ def test_a_dead_or_stopped_peer_ends_the_job_with_its_name(tmp_path, victim, how
     # --enable-recovery and orte_abort_on_non_zero_status=0: mpirun will NOT tear the job down
     # when a rank dies or fails; the ranks must notice and leave by themselves
     cmd = mpirun_command(4, [sys.executable, REPORTER, sys.executable, WORKER, "strategy=ps", "data.name=digits",
-                             "epochs=200", f"ps.timeout_s={timeout_s}", "runtime.progress=false",
-                             f"run_dir={tmp_path}"],
+                             "epochs=200", f"ps.timeout_s={timeout_s}", "runtime.peer_timeout_s=0",
+                             "runtime.progress=false", f"run_dir={tmp_path}"],
                          mca={"orte_abort_on_non_zero_status": "0"}, extra=["--enable-recovery"])
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        ranks = _rank_processes(psutil.Process(proc.pid), 4, time.monotonic() + 60)
-        deadline = time.monotonic() + 60
-        metrics = tmp_path / "metrics.jsonl"
-        while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:  # well under way
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.1)
+    with RunningJob(cmd, program_marker="worker.py") as job:
+        ranks = job.ranks(4)
+        job.wait_for("training under way", lambda: metrics_rows(tmp_path) >= 1)
         os.kill(ranks[victim].pid, how)
         t0 = time.monotonic()
         others = [p for r, p in ranks.items() if r != victim]
         gone, alive = psutil.wait_procs(others, timeout=3 * timeout_s + 10)
-        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]  # exited, not yet reaped
+        alive = [p for p in alive if _running(p)]  # exited, not yet reaped: gone
         elapsed = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:  # whatever is left (the stopped victim; survivors on failure)
-            for p in psutil.Process(proc.pid).children(recursive=True):
-                p.kill()
-        out, err = proc.communicate(timeout=30)
+    err = job.stderr
     assert not alive, (f"ranks {[r for r, p in ranks.items() if p in alive]} still running "
                        f"{3 * timeout_s + 10:.0f}s after the {how.name}\n{err[-3000:]}")
     assert culprit in err, err[-3000:]
@@ -156,3 +128,10 @@ def test_a_dead_or_stopped_peer_ends_the_job_with_its_name(tmp_path, victim, how
             # (the reporter's own line can be lost when mpirun ends as the last rank exits)
             assert f"rank {r} exited with code 0" not in err, err[-3000:]
     assert elapsed <= 3 * timeout_s + 10
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

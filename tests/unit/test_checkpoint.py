@@ -17,7 +17,7 @@ def _sealed(obj) -> bytes:
 
 def _payload(step):
     return {"format": FORMAT, "model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scheduler": {},
-            "step": step, "epoch": 0, "batch_in_epoch": step, "rng": [], "config": {}, "world_size": 1,
+            "step": step, "epoch": 0, "batch_in_epoch": step, "epoch_offset": 0, "rng": [], "config": {}, "world_size": 1,
             "strategy": "horovod", "precision": {"name": "fp32", "scaler": {}}}
 
 

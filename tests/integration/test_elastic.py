@@ -1,0 +1,81 @@
+"""Horovod elastic on the hosts testbed: a worker's host is lost mid-training and the other goes on
+from the last commit with fewer ranks; a host added later joins; the model still learns, and the
+summary lists every change.
+
+Elastic needs several hosts: Horovod blacklists the host where a worker failed, so with every
+slot on one host nothing would be left (ENVIRONMENT.md)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import psutil
+import pytest
+
+from conftest import WORKER
+from hosts import SKIP_REASON, start_testbed
+from mpi_jobs import netns
+from running import RunningJob, metrics_rows
+
+pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=f"hosts testbed: {SKIP_REASON}")
+
+# 40 epochs of digits, every step slowed by 20 ms: long enough to lose a host and add one
+CFG = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "epochs=40", "runtime.progress=false",
+       "runtime.threads=1", "test.step_sleep=0.02", "horovod.elastic_commit_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    tb = start_testbed(3)
+    try:
+        yield tb
+    finally:
+        tb.stop()
+
+
+def _worker_on(tb, host) -> Optional[psutil.Process]:
+    for pid in netns.pids(host.netns):
+        try:
+            p = psutil.Process(pid)
+            if any(a.endswith("worker.py") for a in p.cmdline()):
+                return p
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_a_lost_host_leaves_and_an_added_host_joins(testbed, tmp_path):
+    tb = testbed
+    hosts_file = tmp_path / "hosts.txt"
+    hosts_file.write_text("node1:1\nnode2:1\n")
+    discover = tmp_path / "discover.sh"
+    discover.write_text(f"#!/bin/sh\ncat {hosts_file}\n")
+    discover.chmod(0o755)
+    run = tmp_path / "run"
+    cmd = ["horovodrun", "-np", "2", "--min-np", "1", "--max-np", "3", "--host-discovery-script", str(discover),
+           "--gloo", "--network-interfaces", "eth0", sys.executable, WORKER, *CFG, f"run_dir={run}"]
+    with RunningJob(tb.on_host(tb.hosts[0], cmd)) as job:
+        job.wait_for("3 epochs", lambda: metrics_rows(run) >= 3)
+        hosts_file.write_text("node1:1\n")  # node2 is lost: killed, and gone from the discovery
+        victim = _worker_on(tb, tb.hosts[1])
+        assert victim is not None, "no worker runs on node2"
+        victim.kill()
+        lost_at = metrics_rows(run)
+        job.wait_for("3 more epochs with one worker", lambda: metrics_rows(run) >= lost_at + 3)
+        hosts_file.write_text("node1:1\nnode3:1\n")  # a host is added
+        added_at = metrics_rows(run)
+        job.wait_for("a worker on node3", lambda: bool(_worker_on(tb, tb.hosts[2])), timeout=120)
+        code = job.wait(300)
+    assert code == 0, job.output[-4000:]
+    summary = json.loads((run / "summary.json").read_text())
+    workers = [m["workers"] for m in summary["membership"]]
+    assert workers[0] == 2 and 1 in workers and workers[-1] == 2, summary["membership"]
+    steps = [m["step"] for m in summary["membership"]]
+    assert steps == sorted(steps), steps
+    assert summary["epochs"] == 40 and summary["workers"] == 2
+    assert summary["final_test_accuracy"] >= 0.9, summary
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 41))  # every epoch once, in order
+    assert added_at > lost_at
