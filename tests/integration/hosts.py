@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import pytest
+
 from conftest import TEST_VAR, Result, run_cmd
 from mpi_jobs.testbed import Host, Testbed, unavailable_reason
 
@@ -25,3 +27,13 @@ def start_testbed(hosts: int, **kwargs) -> Testbed:
 def run_on(tb: Testbed, host: Host, cmd: Sequence[str], timeout: float = 180) -> Result:
     """``cmd`` on ``host`` under conftest's hard timeout (the whole process group is killed)."""
     return run_cmd(tb.on_host(host, cmd), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    """A 3-host testbed for the tests of one module (import this name to use it)."""
+    tb = start_testbed(3)
+    try:
+        yield tb
+    finally:
+        tb.stop()

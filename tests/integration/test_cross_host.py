@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from conftest import EQUIV_STEPS, WORKER, assert_same, run_cmd, summary, train_params
-from hosts import SKIP_REASON, run_on, start_testbed
+from hosts import SKIP_REASON, run_on, testbed  # noqa: F401 - the fixture
 from mpi_jobs import horovodrun_command
 
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=f"hosts testbed: {SKIP_REASON}")
@@ -40,15 +40,6 @@ CFG = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "optim.name=sg
        "runtime.progress=false"]
 STRATEGY = {"horovod": ["strategy=horovod"], "ddp": ["strategy=ddp"],
             "ps": ["strategy=ps", "ps.num_servers=1"]}  # the last rank serves: the last host
-
-
-@pytest.fixture(scope="module")
-def testbed():
-    tb = start_testbed(3)
-    try:
-        yield tb
-    finally:
-        tb.stop()
 
 
 def _params(run_dir: Path, np: int) -> list[dict[str, torch.Tensor]]:

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from conftest import WORKER
-from hosts import SKIP_REASON, start_testbed
+from hosts import SKIP_REASON, testbed  # noqa: F401 - the fixture
 from mpi_jobs import netns
 from running import RunningJob, metrics_rows
 
@@ -24,15 +24,6 @@ pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=f"hosts testbed:
 # 40 epochs of digits, every step slowed by 20 ms: long enough to lose a host and add one
 CFG = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "epochs=40", "runtime.progress=false",
        "runtime.threads=1", "test.step_sleep=0.02", "horovod.elastic_commit_steps=5"]
-
-
-@pytest.fixture(scope="module")
-def testbed():
-    tb = start_testbed(3)
-    try:
-        yield tb
-    finally:
-        tb.stop()
 
 
 def _worker_on(tb, host) -> Optional[psutil.Process]:

@@ -12,20 +12,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from hosts import SKIP_REASON, run_on, start_testbed
+from hosts import SKIP_REASON, run_on, start_testbed, testbed  # noqa: F401 - the fixture
 from mpi_jobs import netns
 from mpi_jobs.testbed import CLAIMS, IFACE, Testbed, reap_stale
 
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=f"hosts testbed: {SKIP_REASON}")
-
-
-@pytest.fixture(scope="module")
-def testbed():
-    tb = start_testbed(3)
-    try:
-        yield tb
-    finally:
-        tb.stop()
 
 
 def _gone(tb_index: int, tmp: Path) -> list[str]:
