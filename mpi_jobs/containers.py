@@ -80,7 +80,9 @@ class Container:
         if not program:
             raise ValueError("program: empty")
         if self.runtime == "charliecloud":
-            cmd = ["ch-run"]
+            # --set-env: the image's ENV (its PATH first). ch-run passes the host's environment
+            # and shares /tmp and $HOME, so without it a host venv on PATH would run instead.
+            cmd = ["ch-run", "--set-env"]
             for b in self.binds:
                 cmd += ["--bind", b]
             return cmd + [self.image, "--"] + list(program)

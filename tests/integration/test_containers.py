@@ -92,7 +92,7 @@ def test_hvd_launch_container_checks_mpi_and_runs(image, tmp_path):
            *TRAIN, "strategy=ddp", f"run_dir={tmp_path}"]
     res = run_cmd(cmd, timeout=300)
     assert res.returncode == 0, res.output[-4000:]
-    assert "ch-run hvd-trainer-test -- hvd-train" in res.stderr
+    assert "ch-run --set-env hvd-trainer-test -- hvd-train" in res.stderr
     s = _summary(tmp_path)
     assert s["world_size"] == 2 and s["strategy"] == "ddp" and s["final_test_accuracy"] > 0.9, s
 

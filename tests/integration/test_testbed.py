@@ -89,8 +89,11 @@ def test_stop_removes_processes_namespaces_files_and_keys_after_a_failure():
     assert tb.index == -1 and tb.tmp is None
 
 
+# A shell runs background jobs with SIGINT ignored, and Python then keeps it ignored: restore
+# Python's Ctrl-C handler, as an interactive terminal would have it, so SIGINT means Ctrl-C.
 CHILD = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, sys.argv[1])
 from mpi_jobs.testbed import Testbed
 with Testbed(hosts_count=2) as tb:

@@ -31,7 +31,7 @@ def test_nv_only_when_a_gpu_is_asked_for_or_visible(runtime, monkeypatch):
 
 def test_charliecloud_runs_by_name_after_double_dash():
     c = Container(image="hvd-trainer", runtime="charliecloud", binds=("/data", "/scratch/x:/mnt/x"))
-    assert c.wrap(PROGRAM) == ["ch-run", "--bind", "/data", "--bind", "/scratch/x:/mnt/x", "hvd-trainer",
+    assert c.wrap(PROGRAM) == ["ch-run", "--set-env", "--bind", "/data", "--bind", "/scratch/x:/mnt/x", "hvd-trainer",
                                "--", *PROGRAM]
 
 
@@ -86,7 +86,7 @@ def test_same_series_matches_and_anything_else_is_a_one_line_error():
 
 def test_image_version_is_read_without_mpi_init():
     cmd = containers.image_mpi_command(Container(image="hvd-trainer", runtime="charliecloud"))
-    assert cmd[:4] == ["ch-run", "hvd-trainer", "--", "/opt/venv/bin/python"]
+    assert cmd[:5] == ["ch-run", "--set-env", "hvd-trainer", "--", "/opt/venv/bin/python"]
     assert "mpi4py.rc.initialize = False" in cmd[-1] and "Get_library_version" in cmd[-1]
 
 
@@ -105,7 +105,7 @@ def test_hvd_launch_wraps_the_program(capsys):
                          "--", "hvd-train", "digits"], capsys)
     assert code == 0
     line = err.strip().splitlines()[-1]
-    assert line.endswith("--mca btl_vader_single_copy_mechanism none -x USER ch-run hvd-trainer -- hvd-train digits")
+    assert line.endswith("--mca btl_vader_single_copy_mechanism none -x USER ch-run --set-env hvd-trainer -- hvd-train digits")
     code, err = _launch(["--dry-run", "-np", "2", "--container", "x.sif", "--runtime", "singularity", "--gpu",
                          "--", "hvd-train", "digits"], capsys)
     assert err.strip().endswith("singularity exec --nv x.sif hvd-train digits")
