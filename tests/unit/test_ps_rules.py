@@ -36,7 +36,10 @@ def test_sync_does_not_wait_for_a_finished_or_idle_worker():
     assert rule.went_idle(0, 2) == [] and rule.went_idle(2, 2) == []
     assert rule.push(1, 1) == [Drop(1)]
     assert rule.went_idle(1, 0) == []  # a stale notice (older than its push) changes nothing
-    assert rule.push(1, 3) == [Apply((1,), 2), Reply(1)]
+    # a step of its own, at the lr of the straggler's own 2nd step (index 1), not the shard's
+    # 3rd: the schedule follows the workers' steps, so late applies do not run it ahead
+    assert rule.push(1, 3) == [Apply((1,), 1), Reply(1)]
+    assert rule.version == 3
 
 
 def test_async_applies_each_push_at_once_and_measures_staleness():

@@ -5,7 +5,8 @@ number of the step it completes. The server feeds each event to a rule and carri
 actions it returns, in order:
 
 - :class:`Apply` — take one optimizer step on the mean of these workers' gradients, at the lr of
-  step ``step_index`` (then the shard's version has advanced by one);
+  step ``step_index`` (the workers' own step, 0-based; then the shard's version has advanced by
+  one);
 - :class:`Reply` — send worker ``w`` the shard's current parameters (its pull);
 - :class:`Drop` — ``w``'s gradient was computed on parameters older than the current ones: count
   it as dropped and reply with the current parameters.
@@ -146,7 +147,10 @@ class SyncRule(Rule):
         if len(self.accepted) < needed:
             return []
         group = tuple(sorted(self.accepted))
-        actions: list[Action] = [Apply(group, self.version)]
+        # the lr of the step the workers are at: with backup workers the shard steps more often
+        # than the schedule's steps (a straggler's late steps apply alone once the others idle),
+        # and its own count would run the schedule ahead of them (cosine down to 0 too early)
+        actions: list[Action] = [Apply(group, newest - 1)]
         actions += [Reply(a) for a in self.accepted]
         self.accepted = []
         return actions
