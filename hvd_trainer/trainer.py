@@ -264,7 +264,8 @@ class Trainer:
     def log_epoch(self) -> None:
         st, m = self.state, self.metrics
         record = {"epoch": st.epoch, "step": st.step, "train_loss": m.last_train_loss,
-                  "lr": st.optimizer.param_groups[0]["lr"], **m.last_eval, "samples_per_sec": m.samples_per_sec}
+                  "lr": st.optimizer.param_groups[0]["lr"], **m.last_eval, "samples_per_sec": m.samples_per_sec,
+                  "elapsed_s": time.perf_counter() - self.t_start}  # convergence against wall time
         if m.epoch_seconds:  # an uninterrupted epoch: its own throughput, for benchmarks
             record["epoch_samples_per_sec"] = m.epoch_samples / m.epoch_seconds
         self.out.metrics(record)
