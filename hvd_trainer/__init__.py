@@ -8,7 +8,11 @@ Python API::
 
 Run it under ``mpirun -np N python my_script.py`` like the CLI; every rank calls ``train``.
 """
-from .config import ConfigError, TrainConfig, load_config, replace
+from .launch_env import apply_torch_defaults
+
+apply_torch_defaults()  # before anything imports torch (the allocator reads it once)
+
+from .config import ConfigError, TrainConfig, load_config, replace  # noqa: E402
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "replace", "train", "Trainer"]
 

@@ -198,6 +198,17 @@ class HorovodConfig(_Section):
     """HOROVOD_CACHE_CAPACITY (None: Horovod's default, 1024)."""
     timeline: Optional[str] = None
     """HOROVOD_TIMELINE: write a Chrome-trace timeline to this file."""
+    groups: Optional[int] = Field(None, ge=1, le=1_000_000)
+    """DistributedOptimizer(groups=N): allreduce the gradients in N groups, each once all of
+    its gradients are ready (1: one grouped allreduce after backward). None: one allreduce per
+    gradient as backward produces it (Horovod's default)."""
+    wake_on_wait: bool = True
+    """HOROVOD_WAKE_ON_WAIT: waiting for an unfinished allreduce wakes Horovod's background
+    thread instead of sleeping out its cycle; gradients enqueued during backward still fuse
+    (needs the patched build of scripts/install.sh; stock Horovod ignores it)."""
+    wait_poll_us: float = Field(100.0, ge=0.0, le=1_000_000.0)
+    """While waiting for the allreduces after backward, sleep this long between polls (see
+    strategies/horovod.py ``wait_for``); 0: Horovod's own wait, which spins on the core."""
     elastic_commit_steps: int = Field(20, ge=1)
     """Under Horovod elastic (``horovodrun --min-np/--max-np``): commit the training state in
     memory every N steps and at every epoch end; a lost rank rolls the others back to the last

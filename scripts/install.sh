@@ -42,6 +42,7 @@ need_apt=()
 command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
 command -v mpicc  >/dev/null 2>&1 || need_apt+=(libopenmpi-dev)
 [ -x /usr/bin/cmake ] || need_apt+=(cmake)
+command -v patch  >/dev/null 2>&1 || need_apt+=(patch)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 if [ "$IMAGE" = 0 ]; then  # test tooling: not needed inside an image
 # SLURM (slurmctld, slurmd, munge, srun with PMIx): the tests start a one-node cluster of their own
@@ -101,7 +102,7 @@ if [ "$SYSTEM_TORCH" = 1 ]; then
 else
   "${PIP[@]}" "$TORCH_PIN"
 fi
-"${PIP[@]}" numpy mpi4py pyyaml "pydantic>=2.7" tqdm scikit-learn pillow pytest pytest-timeout pytest-random-order hypothesis \
+"${PIP[@]}" numpy mpi4py pyyaml "pydantic>=2.7" tqdm scikit-learn pillow matplotlib pytest pytest-timeout pytest-random-order hypothesis \
   cloudpickle psutil packaging wheel setuptools
 
 # --- 4. Horovod, built once per (python, torch, MPI) and cached ---------------------------------
@@ -109,10 +110,14 @@ TORCH_VER="$("$PY" -c 'import torch; print(torch.__version__)')"
 HAS_CUDA="$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')"
 MPI_VER="$(mpirun --version 2>/dev/null | head -1 | tr -cd '[:alnum:]._-')"
 PY_VER="$("$PY" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
-key="hvd${HOROVOD_VERSION}-py${PY_VER}-torch${TORCH_VER}-${MPI_VER}-cuda${HAS_CUDA}"
+# the trainer's patch to Horovod (see the patch's header): a changed patch is a new build
+HVD_PATCH="$REPO/scripts/horovod-wake-on-wait.patch"
+PATCH_ID="$(sha256sum "$HVD_PATCH" | cut -c1-8)"
+key="hvd${HOROVOD_VERSION}-py${PY_VER}-torch${TORCH_VER}-${MPI_VER}-cuda${HAS_CUDA}-p${PATCH_ID}"
 wheel_dir="$CACHE/wheels/$key"
 
 horovod_ok() {
+  [ "$(cat "$VENV/.horovod-build" 2>/dev/null)" = "$key" ] || return 1  # the build this key names
   HVD_WANT="$HOROVOD_VERSION" "$PY" - <<'PYEOF' 2>/dev/null
 import os, horovod, horovod.torch as hvd
 assert horovod.__version__ == os.environ["HVD_WANT"]
@@ -134,6 +139,7 @@ if ! horovod_ok; then
       "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
     grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" \
       || die "horovod sdist layout changed: could not patch the C++ standard"
+    patch -s -p1 -d "$src" < "$HVD_PATCH" || die "could not apply $HVD_PATCH to horovod $HOROVOD_VERSION"
     export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
            HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
     if [ "$HAS_CUDA" = 1 ]; then export HOROVOD_GPU_OPERATIONS=NCCL; fi
@@ -144,6 +150,7 @@ if ! horovod_ok; then
       > "$build/build.log" 2>&1 || { tail -40 "$build/build.log" >&2; rm -rf "$wheel_dir"; die "horovod build failed (log above)"; }
   fi
   "${PIP[@]}" --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
+  echo "$key" > "$VENV/.horovod-build"
 fi
 "$VENV/bin/horovodrun" --check-build > "$VENV/horovod-check-build.txt" 2>&1 || true
 for feature in PyTorch MPI Gloo; do

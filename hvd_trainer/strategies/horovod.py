@@ -7,7 +7,12 @@ compression / op / accumulation / predivide, clipping between ``synchronize()`` 
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import mmap
 import os
+import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -15,33 +20,67 @@ from torch import nn
 
 from .. import syncbn
 from ..config import ConfigError, HorovodConfig, TrainConfig
-from ..launch_env import apply_mpi_defaults
+from ..launch_env import apply_mpi_defaults, apply_torch_defaults
 from .base import LossFn, NonFiniteGradient, StepPlan, Strategy, average_op, checked_update, mean_loss_step, threads_per_rank, unwrap
 
-# Measured here (benchmarks/throughput.py --sweep, README "Speed"): with one core per rank,
-# Horovod's background thread waits inside MPI; with MPI yielding when idle
-# (launch_env.MPI_RUNTIME_DEFAULTS), a 2 ms negotiation cycle (stock: 1 ms) closed the rest of
-# the gap to DDP. Cycles of 10 ms and more were slower again. A value in the environment wins.
+# Measured here (hvd-bench, README "Speed"): with one core per rank, Horovod's background thread
+# waits inside MPI; with MPI yielding when idle (launch_env.MPI_RUNTIME_DEFAULTS), a 2 ms
+# negotiation cycle (stock: 1 ms) closed the gap to DDP on a stock build. With the patched build
+# (scripts/horovod-wake-on-wait.patch) waiting for a result starts a cycle at once, so the cycle
+# no longer delays the exchange after backward, only how often the ranks negotiate while it
+# runs: on CPU a 50 ms cycle gave 0.97x the limit against 0.95x at 2 ms (fewer wake-ups
+# competing with backward for the core). On GPUs the exchange overlaps backward on other
+# hardware, so a short cycle stays (not measured here). A value in the environment wins.
 DEFAULT_CYCLE_TIME_MS = 2.0
+WAKE_CYCLE_TIME_MS = 50.0
+_WAKE_SYMBOL = b"WakeBackgroundLoop"  # exported by the patched build only
 
 _KNOBS = {  # config field -> (environment variable, converter to the env value)
     "fusion_threshold_mb": ("HOROVOD_FUSION_THRESHOLD", lambda v: str(int(v * 1024 * 1024))),
     "cycle_time_ms": ("HOROVOD_CYCLE_TIME", lambda v: f"{v:g}"),
     "cache_capacity": ("HOROVOD_CACHE_CAPACITY", lambda v: str(v)),
     "timeline": ("HOROVOD_TIMELINE", lambda v: str(v)),
+    "wake_on_wait": ("HOROVOD_WAKE_ON_WAIT", lambda v: str(int(v))),
 }
 
 
-def apply_horovod_env(cfg: HorovodConfig, environ: Optional[dict] = None) -> dict[str, str]:
+def wait_for(hvd, handles: Sequence[int], poll_s: float = 100e-6) -> None:
+    """Sleep until Horovod reports every handle done (``hvd.synchronize`` then returns at once).
+
+    ``hvd.synchronize`` waits in a ``std::this_thread::yield()`` loop. With one core per rank
+    that core is shared by the waiting thread and Horovod's background thread, which runs the
+    allreduce being waited for; a yielding thread stays runnable and keeps taking its share of
+    the core. Sleeping hands the whole core to the allreduce."""
+    pending = [h for h in handles if isinstance(h, int)]  # None: not fired; a callable: sparse
+    while pending:
+        pending = [h for h in pending if not hvd.poll(h)]
+        if pending:
+            time.sleep(poll_s)
+
+
+@functools.lru_cache(maxsize=1)
+def patched_build() -> bool:
+    """Whether the installed Horovod has the wake-on-wait patch (read from its torch library,
+    without loading it)."""
+    spec = importlib.util.find_spec("horovod")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for lib in Path(folder, "torch").glob("mpi_lib_v2*.so"):
+            with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                return m.find(_WAKE_SYMBOL) >= 0
+    return False
+
+
+def apply_horovod_env(cfg: HorovodConfig, environ: Optional[dict] = None, cpu: bool = True) -> dict[str, str]:
     """Export the configured knobs and the MPI runtime defaults before ``hvd.init()``; a value
     already in the environment wins. Returns the effective values (None where Horovod's
-    built-in default applies)."""
+    built-in default applies). ``cpu``: the ranks train on CPU (the long cycle's case)."""
     env = os.environ if environ is None else environ
     effective: dict[str, Any] = {}
-    for field, (var, conv) in _KNOBS.items():
+    for field, (var, conv) in sorted(_KNOBS.items(), key=lambda kv: kv[0] == "cycle_time_ms"):
         value = getattr(cfg, field)
-        if field == "cycle_time_ms" and value is None:
-            value = DEFAULT_CYCLE_TIME_MS
+        if field == "cycle_time_ms" and value is None:  # after wake_on_wait: it depends on it
+            woken = effective["HOROVOD_WAKE_ON_WAIT"] == "1" and patched_build()
+            value = WAKE_CYCLE_TIME_MS if woken and cpu else DEFAULT_CYCLE_TIME_MS
         if var not in env and value is not None:
             env[var] = conv(value)
         effective[var] = env.get(var)
@@ -76,7 +115,8 @@ class HorovodStrategy(Strategy):
             raise ConfigError(f"horovod.op: adasum needs a power-of-two number of ranks, got {world_size}")
 
     def init(self) -> None:
-        self._env = apply_horovod_env(self.hcfg)
+        self._env = apply_horovod_env(self.hcfg, cpu=not torch.cuda.is_available())
+        self._env.update(apply_torch_defaults())  # recorded (applied when hvd_trainer was imported)
         self._env.update(apply_stall_env(self.cfg.runtime.peer_timeout_s))
         try:
             import horovod.torch as hvd
@@ -102,7 +142,7 @@ class HorovodStrategy(Strategy):
         optimizer = hvd.DistributedOptimizer(
             optimizer, named_parameters=model.named_parameters(), compression=compression,
             backward_passes_per_step=plan.accumulation_steps, op=op,
-            gradient_predivide_factor=self.hcfg.gradient_predivide_factor)
+            gradient_predivide_factor=self.hcfg.gradient_predivide_factor, groups=self.hcfg.groups)
         return model, optimizer
 
     def sync_batchnorm(self, model: nn.Module) -> nn.Module:
@@ -125,6 +165,8 @@ class HorovodStrategy(Strategy):
             return loss
         # Check and clip the *averaged* gradient (fp16: unscaled first): wait for the allreduce,
         # then step without a second allreduce.
+        if self.hcfg.wait_poll_us > 0:
+            wait_for(self.hvd, [h for h, _ in optimizer._handles.values()], self.hcfg.wait_poll_us * 1e-6)
         optimizer.synchronize()
         with optimizer.skip_synchronize():
             checked_update(model, optimizer, grad_clip, self.precision)
@@ -159,7 +201,8 @@ class HorovodStrategy(Strategy):
 
     def settings(self) -> dict[str, Any]:
         out = dict(self._env)
-        out.update(op=self.hcfg.op, compression=self.hcfg.compression,
+        out.update(op=self.hcfg.op, compression=self.hcfg.compression, groups=self.hcfg.groups,
+                   wait_poll_us=self.hcfg.wait_poll_us,
                    gradient_predivide_factor=self.hcfg.gradient_predivide_factor,
                    controller="mpi" if self.hvd.mpi_enabled() and not os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR") else "gloo",
                    threads_per_rank=torch.get_num_threads())

@@ -5,7 +5,7 @@ from torch import nn
 from hvd_trainer import syncbn
 from hvd_trainer.config import load_config
 from hvd_trainer.schedule import build_optimizer, build_scheduler
-from hvd_trainer.strategies.horovod import DEFAULT_CYCLE_TIME_MS, apply_horovod_env
+from hvd_trainer.strategies.horovod import DEFAULT_CYCLE_TIME_MS, WAKE_CYCLE_TIME_MS, apply_horovod_env, patched_build
 from mpi_jobs import horovodrun_command, mpirun_command, srun_command
 
 
@@ -58,7 +58,18 @@ def test_horovod_env_knobs_environment_wins():
     assert env["HOROVOD_FUSION_THRESHOLD"] == str(2 * 1024 * 1024) and eff["HOROVOD_CYCLE_TIME"] == "0.5"
     env = {}
     apply_horovod_env(load_config(None).horovod, env)
-    assert env == {"HOROVOD_CYCLE_TIME": f"{DEFAULT_CYCLE_TIME_MS:g}", "OMPI_MCA_mpi_yield_when_idle": "1"}
+    # the patched build wakes on a wait, so on CPU its cycle only paces negotiation: a long one
+    cycle = WAKE_CYCLE_TIME_MS if patched_build() else DEFAULT_CYCLE_TIME_MS
+    assert env == {"HOROVOD_CYCLE_TIME": f"{cycle:g}", "OMPI_MCA_mpi_yield_when_idle": "1",
+                   "HOROVOD_WAKE_ON_WAIT": "1"}
+    for environ, cpu in (({"HOROVOD_WAKE_ON_WAIT": "0"}, True), ({}, False)):  # not woken, or a GPU
+        apply_horovod_env(load_config(None).horovod, environ, cpu=cpu)
+        assert environ["HOROVOD_CYCLE_TIME"] == f"{DEFAULT_CYCLE_TIME_MS:g}"
+
+
+def test_the_installed_horovod_is_the_patched_build():
+    """scripts/install.sh applies scripts/horovod-wake-on-wait.patch; the defaults above rely on it."""
+    assert patched_build()
 
 
 def test_launch_commands_are_argument_lists():
