@@ -9,7 +9,7 @@ setup(
     name="hvd-trainer",
     version="0.1.0",
     description="High-performance data-parallel PyTorch trainer for HPC clusters",
-    packages=find_packages(include=["hvd_trainer", "hvd_trainer.*", "mpi_jobs", "mpi_jobs.*"]),
+    packages=find_packages(include=["hvd_trainer", "hvd_trainer.*", "mpi_jobs", "mpi_jobs.*", "benchmarks"]),
     package_data={"hvd_trainer": ["configs/*.yaml"]},
     python_requires=">=3.9",
     install_requires=[
@@ -23,12 +23,14 @@ setup(
         "tqdm",
         "scikit-learn",
         "pillow",  # image folders (data.name: images)
+        "matplotlib",  # hvd-bench's plots
     ],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"]},
     entry_points={
         "console_scripts": [
             "hvd-train=hvd_trainer.cli:main",
             "hvd-launch=mpi_jobs.cli:main",
+            "hvd-bench=benchmarks.cli:main",
         ]
     },
 )

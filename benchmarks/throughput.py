@@ -1,57 +1,211 @@
-"""Training throughput: hvd-train vs a hand-written Horovod loop vs torch DDP, side by side.
+"""Training throughput and scaling, against the machine's limit.
 
-    .venv/bin/python benchmarks/throughput.py                # the comparison (README, "Speed")
-    .venv/bin/python benchmarks/throughput.py --sweep        # also sweep cycle time and MPI yield
+Same CNN (the built-in ResNet [64, 128, 256], 1.22M parameters), batch 32 per rank, a fixed
+random batch (no data loading), fp32, SGD with momentum, one thread per rank, one rank per core.
+Inputs are 16x16 by default: a short step (~65 ms here), where communication shows.
 
-Same CNN (~1.2M parameters), batch 32 per rank, fixed random batch, fp32, no accumulation,
-SGD, one thread per rank, 2 ranks under mpirun. Each variant is its own mpirun job (Horovod
-reads its knobs at init); rounds alternate the variants so drift on this noisy machine hits
-them all alike. Every job runs a warm-up block, then timed blocks; a variant's figure is the
-median samples/s over all its timed blocks, with the spread (min..max) beside it.
+The **limit** is what the machine can do at all: as many independent single-process loops as
+there are ranks, running at once with no communication (plain torch, the same model, batch and
+optimizer); its samples/s is the sum of theirs. Every other variant is reported as a ratio to
+the limit at the same rank count, measured in the same run (rounds alternate the variants).
 
-Variants:
-  trainer/stock   hvd-train, stock Horovod/Open MPI settings (HOROVOD_CYCLE_TIME=1, no MPI yield)
-  hand/stock      minimal hand-written Horovod loop, stock settings
-  trainer/ours    hvd-train with its defaults
-  hand/ours       hand-written loop with the trainer's settings (cycle time, MPI yielding)
-  ddp             hand-written torch DDP over gloo, torch's defaults
+Variants (``hvd-train`` through the library API unless named "hand"):
+  limit                 independent processes, no communication
+  horovod               the default strategy with its defaults
+  horovod/fp16          horovod.compression=fp16
+  horovod/stock         Horovod's and Open MPI's own settings (1 ms cycle, busy-polling MPI)
+  horovod/no-wake       horovod.wake_on_wait=false: requests wait for the next cycle (stock)
+  horovod/spin-wait     horovod.wait_poll_us=0: Horovod's own wait after backward (spins)
+  horovod/grouped       horovod.groups=1: one grouped allreduce after backward
+  horovod/cycle=N ms    another negotiation cycle
+  ddp                   strategy=ddp (torch DDP over gloo)
+  ps/sync, ps/async     strategy=ps, one extra server rank (np workers + 1 server)
+  hand/horovod          a minimal hand-written Horovod loop (DistributedOptimizer), stock settings
+  hand/ddp              a minimal hand-written DDP loop over gloo
+  hand/ps-naive         the simplest correct mpi4py parameter server: blocking Send/Recv of whole
+                        flat vectors, the server (last rank) takes the workers in turn
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import time
+import statistics
+from pathlib import Path
+from typing import Any, Optional
 
-from common import TMP, emit, epoch_throughputs, report, run_job, run_rounds, timed_blocks
+from . import core
+from .core import Bench
 
+TITLE = "Training throughput and scaling against the limit"
 BATCH = 32
-CHANNELS = [64, 128, 256]  # ResNet stages -> 1.22M parameters on 3x32x32 inputs
+CHANNELS = [64, 128, 256]
+HW = 16
 
 
-# --------------------------------------------------------------------------------------------
-# jobs (run on every rank under mpirun)
-# --------------------------------------------------------------------------------------------
+def _stock() -> dict[str, str]:
+    return {"HOROVOD_CYCLE_TIME": "1", "OMPI_MCA_mpi_yield_when_idle": "0", "HOROVOD_WAKE_ON_WAIT": "0"}
+
+
+def variants(mode: core.Mode, np: int) -> dict[str, dict[str, Any]]:
+    """name -> job spec for ``np`` training ranks."""
+    out: dict[str, dict[str, Any]] = {
+        # the machine's best: also with torch's huge-page allocations, as the trainer runs
+        "limit": {"job": "limit", "env": {"THP_MEM_ALLOC_ENABLE": "1"}},
+        "horovod": {"job": "trainer", "overrides": ["strategy=horovod"]},
+        "horovod/fp16": {"job": "trainer", "overrides": ["strategy=horovod", "horovod.compression=fp16"]},
+        "ddp": {"job": "trainer", "overrides": ["strategy=ddp"]},
+        "ps/sync": {"job": "trainer", "overrides": ["strategy=ps", "ps.mode=sync"], "servers": 1},
+        "ps/async": {"job": "trainer", "overrides": ["strategy=ps", "ps.mode=async"], "servers": 1},
+        "hand/horovod": {"job": "hand-horovod", "env": _stock()},
+        "hand/ddp": {"job": "hand-ddp"},
+        "hand/ps-naive": {"job": "hand-ps", "servers": 1},
+    }
+    if mode.name == "full":  # the exchange designs tried for the default (REPORT: what was tried)
+        out["horovod/stock"] = {"job": "trainer", "overrides": ["strategy=horovod"], "env": _stock()}
+        out["horovod/no-wake"] = {"job": "trainer", "overrides": ["strategy=horovod", "horovod.wake_on_wait=false"]}
+        out["horovod/spin-wait"] = {"job": "trainer", "overrides": ["strategy=horovod", "horovod.wait_poll_us=0"]}
+        out["horovod/grouped"] = {"job": "trainer", "overrides": ["strategy=horovod", "horovod.groups=1"]}
+        for ms in (1, 5):
+            out[f"horovod/cycle={ms}ms"] = {"job": "trainer", "overrides": ["strategy=horovod", f"horovod.cycle_time_ms={ms}"]}
+    if np == 1:  # one rank: nothing to exchange; the trainer's own overhead against plain torch
+        out = {k: v for k, v in out.items() if k in ("limit", "horovod", "ddp")}
+    return out
+
+
+RANKS = (1, 2)
+
+
+def count(mode: core.Mode) -> int:
+    return mode.rounds * sum(len(variants(mode, n)) for n in RANKS)
+
+
+def run(bench: Bench) -> dict:
+    mode = bench.mode
+    raw: dict[str, dict[str, list[float]]] = {str(n): {} for n in RANKS}
+    for r in range(mode.rounds):
+        for n in RANKS:
+            for name, spec in variants(mode, n).items():
+                np = n + spec.get("servers", 0)
+                args = [spec["job"], "--steps", str(mode.steps), "--blocks", str(mode.blocks), "--run-dir", bench.scratch()]
+                for o in spec.get("overrides", []):
+                    args += ["--override", o]
+                out = bench.job("throughput", args, np, env=spec.get("env"),
+                                desc=f"throughput np={n} {name} ({r + 1}/{mode.rounds})")
+                raw[str(n)].setdefault(name, []).extend(out["samples_per_s"])
+    result: dict[str, Any] = {"model": f"ResNet {CHANNELS} on 3x{HW}x{HW}", "params": _param_count(),
+                              "batch_per_rank": BATCH, "ranks": {}}
+    for n, per in raw.items():
+        limit = statistics.median(per["limit"])
+        result["ranks"][n] = {name: dict(core.summary(v), vs_limit=statistics.median(v) / limit)
+                              for name, v in per.items()}
+    two = result["ranks"].get("2", {})
+    for label, (a, b) in {"horovod_vs_ddp": ("horovod", "ddp"), "ps_sync_vs_naive": ("ps/sync", "hand/ps-naive")}.items():
+        if a in two and b in two:
+            result[label] = two[a]["median"] / two[b]["median"]
+    return result
+
+
+def _param_count() -> int:
+    model, _, _ = _model_and_batch()
+    return sum(p.numel() for p in model.parameters())
+
+
+def markdown(result: dict, plots) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = result["ranks"]
+    names = list(ranks["2"])
+    lines = [f"{result['model']} ({result['params'] / 1e6:.2f}M parameters), batch {result['batch_per_rank']} "
+             "per rank, one thread per rank. Samples/s: median over all timed blocks [min..max]; "
+             "`x limit`: the median as a fraction of the limit at the same rank count, same run.", "",
+             "| variant | 1 rank | x limit | 2 ranks | x limit |", "|---|---|---|---|---|"]
+    for name in names:
+        cells = []
+        for n in ("1", "2"):
+            q = ranks.get(n, {}).get(name)
+            cells += ["", ""] if q is None else [f"{q['median']:.1f} [{q['min']:.1f}..{q['max']:.1f}]",
+                                                 f"**{q['vs_limit']:.3f}**" if name == "horovod" else f"{q['vs_limit']:.3f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "horovod_vs_ddp" in result:
+        lines += ["", f"- The default strategy against DDP at 2 ranks: **{result['horovod_vs_ddp']:.3f}x** (target >= 1.0)."]
+    if "ps_sync_vs_naive" in result:
+        lines += [f"- The PS in sync mode against the naive mpi4py PS (2 workers + 1 server on 2 cores): "
+                  f"**{result['ps_sync_vs_naive']:.3f}x** (target >= 1.0)."]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(names))
+    ax.bar(xs, [ranks["2"][n]["vs_limit"] for n in names],
+           yerr=[[ranks["2"][n]["vs_limit"] * (1 - ranks["2"][n]["min"] / ranks["2"][n]["median"]) for n in names],
+                 [ranks["2"][n]["vs_limit"] * (ranks["2"][n]["max"] / ranks["2"][n]["median"] - 1) for n in names]],
+           color=["gray" if n == "limit" else "tab:blue" for n in names])
+    ax.axhline(0.95, color="red", linestyle="--", linewidth=1, label="target for the default: 0.95")
+    ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("samples/s as a fraction of the limit")
+    ax.set_title("2 ranks: throughput / limit (bars: median, whiskers: min..max)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plots / "throughput_vs_limit.png", dpi=110)
+    plt.close(fig)
+    lines += ["", "![throughput vs limit](plots/throughput_vs_limit.png)"]
+    return "\n".join(lines)
+
+
+# --- jobs -----------------------------------------------------------------------------------------------
 def _model_and_batch(seed: int = 0):
     import torch
+
     from hvd_trainer.models import ResNet
 
     torch.manual_seed(seed)
     model = ResNet(3, CHANNELS, 1, 10)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(BATCH, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (BATCH,), generator=g)
-    return model, x, y
+    return model, torch.randn(BATCH, 3, HW, HW, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
 
 
-def job_hand_horovod(steps: int, blocks: int) -> list[float]:
+def _blocks(step, steps: int, blocks: int, samples: int) -> list[float]:
+    """samples/s of ``blocks`` timed blocks of ``steps`` steps, after one warm-up block."""
+    return [samples / t for t in core.timed(step, 1, blocks, steps)]
+
+
+def _sgd(model, world: int):
+    import torch
+
+    return torch.optim.SGD(model.parameters(), lr=0.01 * world, momentum=0.9)
+
+
+def job_limit(steps: int, blocks: int) -> Optional[dict]:
+    """Plain torch on every rank, no communication while timed; the sum over ranks."""
+    import torch
+    from mpi4py import MPI
+
+    torch.set_num_threads(1)
+    model, x, y = _model_and_batch()
+    opt = _sgd(model, 1)
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    mine = _blocks(step, steps, blocks, BATCH)
+    comm = MPI.COMM_WORLD
+    everyone = comm.gather(mine, root=0)
+    if comm.rank != 0:
+        return None
+    return {"samples_per_s": [sum(vals) for vals in zip(*everyone)], "per_rank": everyone}
+
+
+def job_hand_horovod(steps: int, blocks: int) -> Optional[dict]:
     import horovod.torch as hvd
     import torch
 
     hvd.init()
     torch.set_num_threads(1)
     model, x, y = _model_and_batch()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01 * hvd.size(), momentum=0.9)
-    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+    opt = hvd.DistributedOptimizer(_sgd(model, hvd.size()), named_parameters=model.named_parameters())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
     def step():
@@ -59,120 +213,121 @@ def job_hand_horovod(steps: int, blocks: int) -> list[float]:
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 
-    out = timed_blocks(step, steps, blocks, BATCH * hvd.size())
-    return out if hvd.rank() == 0 else []
+    out = _blocks(step, steps, blocks, BATCH * hvd.size())
+    return {"samples_per_s": out} if hvd.rank() == 0 else None
 
 
-def job_ddp(steps: int, blocks: int) -> list[float]:
+def job_hand_ddp(steps: int, blocks: int) -> Optional[dict]:
+    import socket
+
     import torch
     import torch.distributed as dist
     from mpi4py import MPI
     from torch.nn.parallel import DistributedDataParallel
 
     comm = MPI.COMM_WORLD
-    port = comm.bcast(_free_port() if comm.rank == 0 else None, root=0)
+    port = None
+    if comm.rank == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    port = comm.bcast(port, root=0)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank, world_size=comm.size)
     torch.set_num_threads(1)
     model, x, y = _model_and_batch()
     model = DistributedDataParallel(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01 * comm.size, momentum=0.9)
+    opt = _sgd(model, comm.size)
 
     def step():
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 
-    out = timed_blocks(step, steps, blocks, BATCH * comm.size)
+    out = _blocks(step, steps, blocks, BATCH * comm.size)
+    del model
+    dist.barrier()
     dist.destroy_process_group()
-    return out if comm.rank == 0 else []
+    return {"samples_per_s": out} if comm.rank == 0 else None
 
 
-def job_trainer(steps: int, blocks: int, run_dir: str) -> list[float]:
-    from torch.utils.data import TensorDataset
+def job_hand_ps(steps: int, blocks: int) -> Optional[dict]:
+    import numpy as np
+    import torch
+    from mpi4py import MPI
 
+    comm = MPI.COMM_WORLD
+    server, workers = comm.size - 1, comm.size - 1
+    torch.set_num_threads(1)
+    model, x, y = _model_and_batch()
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    if comm.rank == server:
+        weights = torch.nn.Parameter(flat.clone())
+        opt = torch.optim.SGD([weights], lr=0.01 * workers, momentum=0.9)
+        grad = np.empty(flat.numel(), dtype=np.float32)
+        for _ in range(steps * (blocks + 1)):
+            acc = np.zeros_like(grad)
+            for w in range(workers):
+                comm.Recv(grad, source=w)
+                acc += grad
+            weights.grad = torch.from_numpy(acc / workers)
+            opt.step()
+            for w in range(workers):
+                comm.Send(weights.detach().numpy(), dest=w)
+        return None
+    buf = np.empty(flat.numel(), dtype=np.float32)
+
+    def step():
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        comm.Send(torch.cat([p.grad.reshape(-1) for p in params]).numpy(), dest=server)
+        comm.Recv(buf, source=server)
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.from_numpy(buf[offset:offset + p.numel()]).view_as(p))
+                offset += p.numel()
+
+    out = _blocks(step, steps, blocks, BATCH * workers)
+    return {"samples_per_s": out} if comm.rank == 0 else None
+
+
+def job_trainer(steps: int, blocks: int, overrides: list[str], run_dir: str) -> Optional[dict]:
+    """``hvd-train`` on a fixed batch: one epoch is one block (the first is the warm-up).
+    hvd_trainer is imported before torch, as ``hvd-train`` does (its torch defaults)."""
     from hvd_trainer import load_config, train
     from hvd_trainer.launch_env import launcher_rank
+    from torch.utils.data import TensorDataset
 
-    _, x, y = _model_and_batch()
+    model, x, y = _model_and_batch()
+    servers = next((int(o.split("=")[1]) for o in overrides if o.startswith("ps.num_servers=")), 1)
     world = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
-    # every rank's shard is the fixed batch, `steps` times over: one epoch = one block
-    xs, ys = x.repeat(steps * world, 1, 1, 1), y.repeat(steps * world)
+    workers = world - servers if any(o == "strategy=ps" for o in overrides) else world
     cfg = load_config(None, [
-        "strategy=horovod", "model.name=resnet", f"model.channels={CHANNELS}", "optim.name=sgd",
-        "optim.lr=0.01", "optim.momentum=0.9", f"batch_size={BATCH}", f"epochs={blocks + 1}",
-        "data.shuffle=false", "checkpoint.every_epochs=0", "checkpoint.resume=never",
-        "runtime.progress=false", "runtime.threads=1", f"run_dir={run_dir}"])
-    train(cfg, train_data=TensorDataset(xs, ys), test_data=TensorDataset(x[:4], y[:4]))
+        "model.name=resnet", f"model.channels={CHANNELS}", "optim.name=sgd", "optim.lr=0.01",
+        "optim.momentum=0.9", f"batch_size={BATCH}", f"epochs={blocks + 1}", "data.shuffle=false",
+        "checkpoint.every_epochs=0", "checkpoint.resume=never", "runtime.progress=false",
+        "runtime.threads=1", f"run_dir={run_dir}", *overrides])
+    data = TensorDataset(x.repeat(steps * workers, 1, 1, 1), y.repeat(steps * workers))
+    train(cfg, model=model, train_data=data, test_data=TensorDataset(x[:4], y[:4]))
     if launcher_rank() != 0:
-        return []
-    return epoch_throughputs(run_dir)
+        return None
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {"samples_per_s": [r["epoch_samples_per_sec"] for r in rows[1:]]}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# --------------------------------------------------------------------------------------------
-# driver
-# --------------------------------------------------------------------------------------------
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--job", choices=["hand", "ddp", "trainer"])
+    p = argparse.ArgumentParser()
+    p.add_argument("--job", required=True, choices=["limit", "hand-horovod", "hand-ddp", "hand-ps", "trainer"])
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--override", action="append", default=[])
     p.add_argument("--run-dir", default="")
-    p.add_argument("--steps", type=int, default=20, help="steps per timed block")
-    p.add_argument("--blocks", type=int, default=2, help="timed blocks per job (after one warm-up block)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of all variants")
-    p.add_argument("--np", type=int, default=2)
-    p.add_argument("--sweep", action="store_true", help="also sweep HOROVOD_CYCLE_TIME and MPI yielding")
-    p.add_argument("--json", help="write the figures to this file")
-    args = p.parse_args()
-
-    if args.job:
-        fn = {"hand": job_hand_horovod, "ddp": job_ddp}.get(args.job)
-        emit(fn(args.steps, args.blocks) if fn else job_trainer(args.steps, args.blocks, args.run_dir))
-        return
-
-    from hvd_trainer.launch_env import MPI_RUNTIME_DEFAULTS
-    from hvd_trainer.strategies.horovod import DEFAULT_CYCLE_TIME_MS
-
-    one = {"OMP_NUM_THREADS": "1"}
-    # Horovod 0.28.1's and Open MPI's built-in defaults, made explicit (the trainer's own
-    # defaults only apply where the environment says nothing)
-    stock = {"HOROVOD_CYCLE_TIME": "1", "OMPI_MCA_mpi_yield_when_idle": "0", **one}
-    ours = {"HOROVOD_CYCLE_TIME": f"{DEFAULT_CYCLE_TIME_MS:g}", **MPI_RUNTIME_DEFAULTS, **one}
-    variants = {
-        "trainer/stock": ("trainer", stock),
-        "hand/stock": ("hand", stock),
-        "trainer/ours": ("trainer", ours),
-        "hand/ours": ("hand", ours),
-        "ddp": ("ddp", one),
-    }
-    if args.sweep:
-        for ct in ("1", "2", "10", "20"):
-            variants[f"hand/cycle={ct}ms"] = ("hand", {"HOROVOD_CYCLE_TIME": ct, **one})
-            variants[f"hand/cycle={ct}ms+yield"] = ("hand", {"HOROVOD_CYCLE_TIME": ct, **MPI_RUNTIME_DEFAULTS, **one})
-
-    def run(name, spec):
-        kind, env = spec
-        job = ["--job", kind, "--steps", str(args.steps), "--blocks", str(args.blocks),
-               "--run-dir", str(TMP / f"{kind}-{time.monotonic_ns()}")]
-        return run_job(__file__, job, args.np, env)
-
-    results = run_rounds(variants, args.rounds, run)
-    report(f"training throughput, np={args.np}, CNN {CHANNELS} (1.22M params), batch {BATCH}/rank, "
-           f"{args.rounds} rounds x {args.blocks} blocks x {args.steps} steps",
-           results,
-           {"trainer/stock vs hand/stock": ("trainer/stock", "hand/stock"),
-            "trainer/ours vs hand/ours": ("trainer/ours", "hand/ours"),
-            "hand/stock vs ddp": ("hand/stock", "ddp"),
-            "hand/ours vs ddp": ("hand/ours", "ddp"),
-            "trainer/ours (defaults) vs ddp": ("trainer/ours", "ddp")},
-           {"trainer/stock vs hand/stock": 0.97, "trainer/ours vs hand/ours": 0.97,
-            "trainer/ours (defaults) vs ddp": 1.0}, args.json)
+    a = p.parse_args()
+    fn = {"limit": job_limit, "hand-horovod": job_hand_horovod, "hand-ddp": job_hand_ddp, "hand-ps": job_hand_ps}.get(a.job)
+    out = fn(a.steps, a.blocks) if fn else job_trainer(a.steps, a.blocks, a.override, a.run_dir)
+    if out is not None:
+        core.emit(out)
 
 
 if __name__ == "__main__":

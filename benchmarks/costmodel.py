@@ -1,0 +1,222 @@
+"""An alpha-beta cost model of gradient exchange: ring-allreduce and a k-server parameter server.
+
+A message of ``S`` bytes over a link costs ``alpha + S / B`` (alpha: the per-message latency,
+B: the bandwidth in bytes/s). Then, for ``N`` workers:
+
+- ring-allreduce (reduce-scatter, then allgather; every link busy at once):
+  ``2 (N-1) alpha + 2 (N-1)/N * S / B``
+- a parameter server with ``k`` servers on their own hosts (not colocated with workers), push
+  then pull: each worker moves ``S`` each way, each server ``N S / k`` each way, so the busier
+  side decides: ``2 alpha + 2 max(S / B, N S / (k B))``
+
+A step is compute plus the part of the exchange not hidden behind it (``overlap``: the fraction
+of the exchange that runs during backward; 0 where the exchange needs the same core as compute,
+as on this 2-core machine with one rank per core).
+
+The model is calibrated where it runs (:func:`fit`: alpha and B of each exchange path from its
+measured times at several sizes) and checked against every measured point (:func:`errors`).
+``hvd-bench --advise`` (:func:`advise`) uses it to rank strategies for a user's model, worker
+count and link.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional, Sequence
+
+GBIT = 1e9 / 8  # bytes/s in one Gbit/s
+
+
+@dataclass(frozen=True)
+class Link:
+    """``alpha_s``: seconds per message; ``bandwidth``: bytes/s."""
+
+    alpha_s: float
+    bandwidth: float
+
+    @classmethod
+    def gbit(cls, gbit_s: float, alpha_s: float = 0.0) -> "Link":
+        return cls(alpha_s, gbit_s * GBIT)
+
+    def message_s(self, nbytes: float) -> float:
+        return self.alpha_s + nbytes / self.bandwidth
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def ring_allreduce_s(nbytes: float, n: int, link: Link) -> float:
+    """Seconds for a ring-allreduce of ``nbytes`` over ``n`` ranks (0 for one rank)."""
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) * link.alpha_s + 2 * (n - 1) / n * nbytes / link.bandwidth
+
+
+def ps_push_pull_s(nbytes: float, workers: int, servers: int, link: Link) -> float:
+    """Seconds for every worker to push ``nbytes`` of gradient and pull ``nbytes`` of
+    parameters, spread over ``servers`` non-colocated server hosts."""
+    if workers < 1 or servers < 1:
+        raise ValueError("workers and servers must be >= 1")
+    return 2 * link.alpha_s + 2 * max(nbytes / link.bandwidth, workers * nbytes / (servers * link.bandwidth))
+
+
+def step_s(compute_s: float, comm_s: float, overlap: float = 0.0) -> float:
+    """A training step: compute, plus the exchange not hidden behind it."""
+    if not 0.0 <= overlap <= 1.0:
+        raise ValueError(f"overlap must be in [0, 1], got {overlap}")
+    return compute_s + max(comm_s * (1 - overlap), comm_s - overlap * compute_s)
+
+
+def efficiency(compute_s: float, comm_s: float, overlap: float = 0.0) -> float:
+    """Scaling efficiency: the step without communication over the step with it."""
+    return compute_s / step_s(compute_s, comm_s, overlap)
+
+
+# --- calibration ------------------------------------------------------------------------------------
+def fit(points: Iterable[tuple[float, float]], bus_factor: float = 1.0) -> Link:
+    """alpha and B from measured ``(nbytes, seconds)`` points of one exchange path, for the
+    model ``t = alpha + bus_factor * nbytes / B`` (``bus_factor``: 2(N-1)/N for a ring).
+
+    Least squares on the *relative* error (weights 1/t^2): a 64 MB point must not drown the
+    4 KB ones, since the model is checked against every point as a ratio."""
+    pts = [(float(s), float(t)) for s, t in points if t > 0]
+    if len(pts) < 2:
+        raise ValueError("need at least two measured points to fit alpha and bandwidth")
+    # minimise sum ((a + b x - t) / t)^2 with x = bus_factor * s: 2x2 normal equations
+    w = [1.0 / (t * t) for _, t in pts]
+    xs = [bus_factor * s for s, _ in pts]
+    ts = [t for _, t in pts]
+    sw = sum(w)
+    swx = sum(wi * x for wi, x in zip(w, xs))
+    swxx = sum(wi * x * x for wi, x in zip(w, xs))
+    swt = sum(wi * t for wi, t in zip(w, ts))
+    swxt = sum(wi * x * t for wi, x, t in zip(w, xs, ts))
+    det = sw * swxx - swx * swx
+    if det <= 0:
+        raise ValueError("the points do not determine a line (one size only?)")
+    a = (swt * swxx - swx * swxt) / det
+    b = (sw * swxt - swx * swt) / det
+    if b <= 0:  # flat or falling with size: latency-bound throughout; keep a finite bandwidth
+        b = min(t / x for x, t in zip(xs, ts) if x > 0)
+        a = max(0.0, min(t - b * x for x, t in zip(xs, ts)))
+    return Link(max(0.0, a), 1.0 / b)
+
+
+@dataclass(frozen=True)
+class PathModel:
+    """One exchange path as measured here: an alpha-beta line per size regime. Two regimes
+    because a message changes protocol with size (Open MPI: eager below its limit, rendezvous
+    and single-copy above; everything: in cache, then out of it): ``regimes`` holds
+    ``(largest size, Link)`` pairs, smallest first."""
+
+    regimes: tuple[tuple[float, Link], ...]
+    bus_factor: float = 1.0
+
+    def predict(self, nbytes: float) -> float:
+        for upto, link in self.regimes:
+            if nbytes <= upto:
+                break
+        return link.alpha_s + self.bus_factor * nbytes / link.bandwidth
+
+    def to_dict(self) -> dict:
+        return {"bus_factor": self.bus_factor,
+                "regimes": [{"upto_bytes": u, **l.to_dict()} for u, l in self.regimes]}
+
+
+def fit_path(points: Sequence[tuple[float, float]], bus_factor: float = 1.0, min_points: int = 3) -> PathModel:
+    """The one- or two-regime model with the smallest worst relative error over ``points``
+    (each regime fitted by :func:`fit`, at least ``min_points`` points each when split)."""
+    pts = sorted((float(s), float(t)) for s, t in points)
+
+    def worst(model: PathModel) -> float:
+        return max(abs(relative_error(model.predict(s), t)) for s, t in pts)
+
+    best = PathModel(((math.inf, fit(pts, bus_factor)),), bus_factor)
+    for i in range(min_points, len(pts) - min_points + 1):
+        lo, hi = pts[:i], pts[i:]
+        try:
+            cand = PathModel(((lo[-1][0], fit(lo, bus_factor)), (math.inf, fit(hi, bus_factor))), bus_factor)
+        except ValueError:
+            continue
+        if worst(cand) < worst(best):
+            best = cand
+    return best
+
+
+def relative_error(predicted: float, measured: float) -> float:
+    return (predicted - measured) / measured
+
+
+def errors(points: Sequence[tuple[float, float]], predict) -> list[dict]:
+    """Every measured ``(nbytes, seconds)`` point beside ``predict(nbytes)`` and its error."""
+    out = []
+    for nbytes, measured in points:
+        pred = predict(nbytes)
+        out.append({"bytes": nbytes, "measured_s": measured, "predicted_s": pred,
+                    "error": relative_error(pred, measured)})
+    return out
+
+
+# --- projection and advice ---------------------------------------------------------------------------
+# Horovod's published result: 90% scaling efficiency for Inception V3 and ResNet-101 on 512 GPUs
+# (128 servers x 4 Pascal GPUs, 25 Gbit/s RoCE); github.com/horovod/horovod README.
+HOROVOD_PUBLISHED = {"workers": 512, "efficiency": 0.90, "link_gbit": 25.0}
+RESNET50_PARAMS = 25.6e6
+# What the projection assumes for one worker's compute (no GPU here to measure it): ResNet-50,
+# batch 64, fp32 on a Pascal-class GPU at ~200 images/s; backward ~2/3 of it, so that much of
+# the ring can overlap with it (Horovod starts allreduces during backward).
+GPU_STEP_S = 64 / 200.0
+BACKWARD_FRACTION = 2 / 3
+
+
+def project(params: float = RESNET50_PARAMS, link: Optional[Link] = None, compute_s: float = GPU_STEP_S,
+            workers: Sequence[int] = (2, 8, 32, 128, 512), bytes_per_param: int = 4,
+            overlap: float = BACKWARD_FRACTION) -> list[dict]:
+    """Scaling efficiency of a ring and of a PS (k = N servers, i.e. one per worker host; and
+    k = N/8) against worker count, without and with overlap of the exchange and backward."""
+    link = link or Link.gbit(25.0, alpha_s=10e-6)
+    nbytes = params * bytes_per_param
+    rows = []
+    for n in workers:
+        ring = ring_allreduce_s(nbytes, n, link)
+        ps_n = ps_push_pull_s(nbytes, n, n, link)
+        ps_8 = ps_push_pull_s(nbytes, n, max(1, n // 8), link)
+        rows.append({"workers": n, "ring_s": ring, "ps_k=N_s": ps_n, "ps_k=N/8_s": ps_8,
+                     "ring_eff": efficiency(compute_s, ring), "ring_eff_overlap": efficiency(compute_s, ring, overlap),
+                     "ps_k=N_eff_overlap": efficiency(compute_s, ps_n, overlap),
+                     "ps_k=N/8_eff_overlap": efficiency(compute_s, ps_8, overlap)})
+    return rows
+
+
+def advise(params: float, workers: int, link: Link, compute_s: float, overlap: float = BACKWARD_FRACTION,
+           server_counts: Optional[Sequence[int]] = None) -> list[dict]:
+    """Candidate exchange designs for a model of ``params`` fp32 parameters on ``workers``
+    workers over ``link``, fastest first: predicted step time, efficiency, and how much slower
+    than the best each is."""
+    nbytes = params * 4
+    cands: list[tuple[str, str, float]] = [
+        ("horovod", "ring-allreduce, fp32 (default)", ring_allreduce_s(nbytes, workers, link)),
+        ("horovod", "ring-allreduce, horovod.compression=fp16", ring_allreduce_s(nbytes / 2, workers, link)),
+    ]
+    for k in server_counts or sorted({1, max(1, workers // 4), workers}):
+        cands.append(("ps", f"ps.num_servers={k} (own hosts), ps.mode=sync",
+                      ps_push_pull_s(nbytes, workers, k, link)))
+    rows = []
+    for strategy, knobs, comm in cands:
+        st = step_s(compute_s, comm, overlap if strategy == "horovod" else 0.0)
+        rows.append({"strategy": strategy, "knobs": knobs, "comm_s": comm, "step_s": st,
+                     "efficiency": compute_s / st})
+    rows.sort(key=lambda r: r["step_s"])
+    for r in rows:
+        r["vs_best"] = r["step_s"] / rows[0]["step_s"]
+    return rows
+
+
+def fmt_seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return str(s)
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} µs"
