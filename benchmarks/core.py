@@ -85,8 +85,10 @@ def timed(fn: Callable[[], None], warmup: int, repeats: int, iters: int = 1,
 
 
 def iters_for(nbytes: int, budget_bytes: int = 64 * MB, cap: int = 200) -> int:
-    """Calls per timed round: enough that a small message's round is not one timer tick."""
-    return max(1, min(cap, budget_bytes // max(1, nbytes) // 8))
+    """Back-to-back calls per timed round (a barrier only before the round, as nccl-tests and
+    OSU time their loops): enough that a small message's round is not one timer tick, and at
+    least 4 up to 16 MB, so a round times the op and not how far the barrier left the ranks apart."""
+    return max(1, min(cap, budget_bytes // max(1, nbytes)))
 
 
 def machine() -> dict[str, Any]:
@@ -124,6 +126,8 @@ def job_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
            if not k.startswith("HOROVOD_") and k != "OMPI_MCA_mpi_yield_when_idle"}
     env.update(ONE_THREAD)
     env.update(extra or {})
+    # this Python's scripts first (horovodrun, hvd-train), as when the venv is activated
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     return env
 
 
@@ -191,11 +195,13 @@ class Bench:
                                  start_new_session=True)
         except subprocess.TimeoutExpired as err:
             raise BenchError(f"timed out after {timeout:.0f} s: {' '.join(cmd)}") from err
+        except OSError as err:  # the launcher is missing
+            raise BenchError(f"could not start {cmd[0]}: {err}") from err
         finally:
             self.tick(desc or module)
         for line in res.stdout.splitlines():
-            if line.startswith(MARK):
-                return json.loads(line[len(MARK):])
+            if MARK in line:  # horovodrun prefixes "[rank]<stdout>:"
+                return json.loads(line.split(MARK, 1)[1])
         raise BenchError(f"job failed (exit {res.returncode}, {time.monotonic() - t0:.0f} s): {' '.join(cmd)}\n"
                          f"{res.stdout[-1500:]}\n{res.stderr[-2500:]}")
 

@@ -87,7 +87,8 @@ PIP=("$PY" -m pip install -q --disable-pip-version-check)
 
 # Skip the Python part entirely when nothing that feeds it changed since the last good install.
 # (the package list is part of the key: a new top-level package needs the editable install redone)
-stamp_key="$( (cat "$REPO/setup.py" "$REPO/scripts/install.sh"; cd "$REPO" && ls -d ./*/__init__.py) \
+stamp_key="$( (cat "$REPO/setup.py" "$REPO/scripts/install.sh" "$REPO/scripts/horovod-wake-on-wait.patch"
+               cd "$REPO" && ls -d ./*/__init__.py) \
   | sha256sum | cut -c1-16)-$SYSTEM_TORCH"
 stamp="$VENV/.hvd-trainer-installed"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_key" ] \
