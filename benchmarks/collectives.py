@@ -209,20 +209,10 @@ def job_horovod(sizes, warmup, repeats, trainer: bool):
 
 
 def job_torch_gloo(sizes, warmup, repeats):
-    import socket
-
     import torch
     import torch.distributed as dist
-    from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
-    port = None
-    if comm.rank == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    port = comm.bcast(port, root=0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank, world_size=comm.size)
+    comm = core.init_gloo()
     torch.set_num_threads(1)
 
     def make(size):

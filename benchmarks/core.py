@@ -206,6 +206,26 @@ class Bench:
                          f"{res.stdout[-1500:]}\n{res.stderr[-2500:]}")
 
 
+def init_gloo():
+    """torch.distributed over gloo on this mpirun job's ranks (rank 0 picks a free loopback
+    port and tells the others): the baseline a user would otherwise pick. Returns the MPI
+    communicator."""
+    import socket
+
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    port = None
+    if comm.rank == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank, world_size=comm.size)
+    return comm
+
+
 def busbw(nbytes: int, seconds: float, n: int) -> float:
     """nccl-tests' bus bandwidth of an allreduce, bytes/s: algbw x 2(n-1)/n."""
     return nbytes / seconds * 2 * (n - 1) / n

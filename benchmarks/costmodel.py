@@ -104,10 +104,10 @@ def fit(points: Iterable[tuple[float, float]], bus_factor: float = 1.0) -> Link:
 
 @dataclass(frozen=True)
 class PathModel:
-    """One exchange path as measured here: an alpha-beta line per size regime. Two regimes
-    because a message changes protocol with size (Open MPI: eager below its limit, rendezvous
-    and single-copy above; everything: in cache, then out of it): ``regimes`` holds
-    ``(largest size, Link)`` pairs, smallest first."""
+    """One exchange path as measured here: an alpha-beta line per size regime. A message
+    changes regime with size: latency-bound (Open MPI's eager protocol), then bandwidth-bound
+    in cache, then bandwidth-bound in DRAM (a 64 MB float32 allreduce no longer fits any
+    cache). ``regimes`` holds ``(largest size, Link)`` pairs, smallest first."""
 
     regimes: tuple[tuple[float, Link], ...]
     bus_factor: float = 1.0
@@ -123,22 +123,34 @@ class PathModel:
                 "regimes": [{"upto_bytes": u, **l.to_dict()} for u, l in self.regimes]}
 
 
-def fit_path(points: Sequence[tuple[float, float]], bus_factor: float = 1.0, min_points: int = 3) -> PathModel:
-    """The one- or two-regime model with the smallest worst relative error over ``points``
-    (each regime fitted by :func:`fit`, at least ``min_points`` points each when split)."""
+def fit_path(points: Sequence[tuple[float, float]], bus_factor: float = 1.0, max_regimes: int = 3,
+             min_points: int = 2) -> PathModel:
+    """The model of at most ``max_regimes`` contiguous size regimes (at least ``min_points``
+    points each, each fitted by :func:`fit`) with the smallest worst relative error over
+    ``points``; fewer regimes win ties."""
     pts = sorted((float(s), float(t)) for s, t in points)
 
     def worst(model: PathModel) -> float:
         return max(abs(relative_error(model.predict(s), t)) for s, t in pts)
 
-    best = PathModel(((math.inf, fit(pts, bus_factor)),), bus_factor)
-    for i in range(min_points, len(pts) - min_points + 1):
-        lo, hi = pts[:i], pts[i:]
+    def build(cuts: tuple[int, ...]) -> Optional[PathModel]:
+        bounds = (0, *cuts, len(pts))
         try:
-            cand = PathModel(((lo[-1][0], fit(lo, bus_factor)), (math.inf, fit(hi, bus_factor))), bus_factor)
+            regs = tuple((pts[b - 1][0] if b < len(pts) else math.inf, fit(pts[a:b], bus_factor))
+                         for a, b in zip(bounds, bounds[1:]))
         except ValueError:
-            continue
-        if worst(cand) < worst(best):
+            return None
+        return PathModel(regs, bus_factor)
+
+    best = build(())
+    assert best is not None
+    n = len(pts)
+    cands = [(i,) for i in range(min_points, n - min_points + 1)]
+    if max_regimes >= 3:
+        cands += [(i, j) for i in range(min_points, n + 1) for j in range(i + min_points, n - min_points + 1)]
+    for cuts in cands:
+        cand = build(cuts)
+        if cand is not None and worst(cand) < worst(best) - 1e-9:
             best = cand
     return best
 

@@ -34,7 +34,7 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
             big = model.regimes[-1][1]
             out["links"][name] = big.to_dict() | {"alpha_s": model.regimes[0][1].alpha_s}
             for e in costmodel.errors(pts, model.predict):
-                out["points"].append({"section": "collectives", "label": f"{name} {e['bytes']} B", **e})
+                out["points"].append({"section": "collectives", "kind": "fit", "label": f"{name} {e['bytes']} B", **e})
     thr = secs.get("throughput")
     if thr and "ranks" in thr and "2" in thr["ranks"]:
         batch, two = thr["batch_per_rank"], thr["ranks"]["2"]
@@ -47,13 +47,13 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
                                                   for u in out["paths"][path]["regimes"]))
                 measured = 2 * batch / two[variant]["median"]  # seconds per step
                 predicted = costmodel.step_s(compute, model.predict(grad_bytes))
-                out["points"].append({"section": "throughput", "label": f"{variant} step, 2 ranks",
+                out["points"].append({"section": "throughput", "kind": "prediction", "label": f"{variant} step, 2 ranks",
                                       "bytes": grad_bytes, "measured_s": measured, "predicted_s": predicted,
                                       "error": costmodel.relative_error(predicted, measured)})
     lk = secs.get("links")
     for p in (lk or {}).get("points", []) if isinstance(lk, dict) else []:
         if p.get("measured_s") and p.get("predicted_s"):
-            out["points"].append({"section": "links", "label": p.get("label", "?"), "bytes": p.get("bytes"),
+            out["points"].append({"section": "links", "kind": "prediction", "label": p.get("label", "?"), "bytes": p.get("bytes"),
                                   "measured_s": p["measured_s"], "predicted_s": p["predicted_s"],
                                   "error": costmodel.relative_error(p["predicted_s"], p["measured_s"])})
     alpha = (lk or {}).get("alpha_s") if isinstance(lk, dict) else None
@@ -62,6 +62,10 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
     errs = [abs(p["error"]) for p in out["points"]]
     out["max_abs_error"] = max(errs) if errs else None
     out["within"] = sum(e <= TOLERANCE for e in errs)
+    for kind in ("fit", "prediction"):
+        sel = [abs(p["error"]) for p in out["points"] if p["kind"] == kind]
+        out[f"max_abs_error_{kind}"] = max(sel) if sel else None
+        out[f"within_{kind}"], out[f"count_{kind}"] = sum(e <= TOLERANCE for e in sel), len(sel)
     return out
 
 
@@ -77,7 +81,10 @@ def _target_rows(results: dict[str, Any], check: dict[str, Any]) -> list[tuple[s
          coll.get("ratios_16MB", {}).get("horovod-mpi/trainer"), 0.8, ">="),
         ("PS push+pull on capped links / cost-model bound (worst cap)",
          lk.get("ps_vs_bound_min") if isinstance(lk, dict) else None, 0.8, ">="),
-        ("cost model: worst |error| over every measured point", check.get("max_abs_error"), TOLERANCE, "<="),
+        ("cost model, calibration: worst |error| of a path's fit at its own points",
+         check.get("max_abs_error_fit"), TOLERANCE, "<="),
+        ("cost model, predictions: worst |error| (training steps, testbed links)",
+         check.get("max_abs_error_prediction"), TOLERANCE, "<="),
         ("PS sync / naive mpi4py PS, 2 workers + 1 server", thr.get("ps_sync_vs_naive"), 1.0, ">="),
     ]
     return rows
@@ -117,11 +124,15 @@ def markdown(check: dict[str, Any], plots) -> str:
     if pts:
         n_ok = check["within"]
         lines += [f"Every measured point against the model: {n_ok} of {len(pts)} within ±{TOLERANCE:.0%}; "
-                  f"worst |error| {check['max_abs_error']:.1%}.", "",
-                  "| section | point | measured | predicted | error |", "|---|---|---|---|---|"]
+                  f"worst |error| {check['max_abs_error']:.1%}. Two kinds of point: *fit* (a collective "
+                  f"path's calibration, checked at the sizes it was fitted on: {check['within_fit']} of "
+                  f"{check['count_fit']} within) and *prediction* (a training step from the limit's compute and "
+                  f"a path's model at the gradient's size, or a testbed step and exchange from the link's measured "
+                  f"bandwidth and latency: {check['within_prediction']} of {check['count_prediction']} within).", "",
+                  "| section | kind | point | measured | predicted | error |", "|---|---|---|---|---|---|"]
         for p in pts:
             flag = "" if abs(p["error"]) <= TOLERANCE else " **"
-            lines.append(f"| {p['section']} | {p['label']} | {costmodel.fmt_seconds(p['measured_s'])} | "
+            lines.append(f"| {p['section']} | {p['kind']} | {p['label']} | {costmodel.fmt_seconds(p['measured_s'])} | "
                          f"{costmodel.fmt_seconds(p['predicted_s'])} | {p['error']:+.1%}{flag} |")
         fig, ax = plt.subplots(figsize=(5.5, 5))
         for section in sorted({p["section"] for p in pts}):

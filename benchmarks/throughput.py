@@ -218,21 +218,11 @@ def job_hand_horovod(steps: int, blocks: int) -> Optional[dict]:
 
 
 def job_hand_ddp(steps: int, blocks: int) -> Optional[dict]:
-    import socket
-
     import torch
     import torch.distributed as dist
-    from mpi4py import MPI
     from torch.nn.parallel import DistributedDataParallel
 
-    comm = MPI.COMM_WORLD
-    port = None
-    if comm.rank == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    port = comm.bcast(port, root=0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank, world_size=comm.size)
+    comm = core.init_gloo()
     torch.set_num_threads(1)
     model, x, y = _model_and_batch()
     model = DistributedDataParallel(model)
