@@ -97,7 +97,7 @@ def test_report_is_generated_from_results_with_targets_plots_and_model_errors(tm
     for png in ("collectives_busbw.png", "throughput_vs_limit.png", "model_vs_measured.png", "projection.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
     # exact alpha-beta data: the calibrated collective paths reproduce their points
-    assert "| collectives | mpi 16777216 B |" in report
+    assert "| collectives | fit | mpi 16777216 B | 3.36 ms | 3.36 ms | " in report
 
 
 def test_advise_prints_a_ranking_and_refuses_without_a_link(tmp_path, capsys):
