@@ -40,3 +40,33 @@ def test_waiting_for_an_allreduce_wakes_horovods_cycle():
     assert stock > 0.025, f"stock Horovod did not wait for its cycle ({stock * 1e3:.1f} ms/op)"
     assert woken < 0.025, (f"waiting did not wake Horovod's cycle ({woken * 1e3:.1f} ms/op): is the "
                            "patched build of scripts/install.sh installed?")
+
+
+SKEWED = """
+import sys, time
+import horovod.torch as hvd
+import torch
+hvd.init()
+t = torch.ones(4)
+hvd.allreduce(t, name="warm")
+times = []
+for i in range(5):
+    if hvd.rank() == 1:
+        time.sleep(0.005)  # rank 1 enqueues later: rank 0's woken cycle finds it not ready
+    t0 = time.perf_counter()
+    hvd.allreduce(t, name=f"op{i}")
+    times.append(time.perf_counter() - t0)
+if hvd.rank() == 0:
+    print("MAX_OP_S", max(times))
+"""
+
+
+def test_a_waited_request_is_not_left_for_a_whole_cycle_when_a_peer_is_late():
+    """Rank 0 waits first and wakes its cycle; rank 1's request is not there yet, so that cycle
+    negotiates nothing. With a 1 s cycle the retry must come while rank 0 still waits (the
+    patch's short cycle while someone waits), not a second later. Each op waits ~5 ms for rank
+    1; 0.5 s is a bound no machine comes near unless the retry waits for the cycle."""
+    res = mpirun(2, [sys.executable, "-c", SKEWED], timeout=120,
+                 env={"HOROVOD_CYCLE_TIME": "1000", "HOROVOD_WAKE_ON_WAIT": "1", "OMP_NUM_THREADS": "1"})
+    worst = float(next(line.split()[1] for line in res.stdout.splitlines() if line.startswith("MAX_OP_S")))
+    assert worst < 0.5, f"an allreduce took {worst:.3f} s: the retry waited for the 1 s cycle"
