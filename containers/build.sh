@@ -121,6 +121,10 @@ if [ "$IF_CHANGED" = 1 ] && [ "$(cat "$stamp" 2>/dev/null)" = "$recipe" ] \
 fi
 log "ch-image ${args[*]} ${CACHE_OPT[*]} $ctx"
 rm -f "$stamp"
+# An image left half-written by a killed build makes every later build of its name fail
+# ("can't mkdir: ...: File exists", found after a test run was killed mid-build): start from
+# no image of this name (the build cache keeps the layers, so this costs no rebuild of them).
+"${CH[@]}" delete "$TAG" >/dev/null 2>&1 || true
 "${CH[@]}" "${CACHE_OPT[@]}" "${args[@]}" "$ctx" >&2
 mkdir -p "$(dirname "$stamp")" && echo "$recipe" > "$stamp"
 t_all=$((SECONDS - t0))
