@@ -10,6 +10,8 @@ import time
 import psutil
 import pytest
 
+from hvd_trainer.launch_env import usable_cores
+
 from conftest import EQUIV_STEPS, WORKER, assert_same, mpirun, summary, train_params
 from running import RunningJob, metrics_rows
 from mpi_jobs import mpirun_command
@@ -102,7 +104,11 @@ REPORTER = str(WORKER).replace("worker.py", "exit_reporter.py")
     (3, signal.SIGKILL, "server 0 (rank 3)"),
 ])
 def test_a_dead_or_stopped_peer_ends_the_job_with_its_name(tmp_path, victim, how, culprit):
-    timeout_s = 4.0
+    # A rank answers pings only while it waits; the longest stretch it computes without waiting
+    # must stay well under ps.timeout_s. 4 ranks on 2 cores: under 4 s here. Squeezed onto one
+    # core (taskset -c 0), worker 0 went silent for more than 4 s before the first epoch ended
+    # and was declared dead by its peers: 16 s there (4x the ranks per core, 4x the stretch).
+    timeout_s = 4.0 if usable_cores() >= 2 else 16.0
     # --enable-recovery and orte_abort_on_non_zero_status=0: mpirun will NOT tear the job down
     # when a rank dies or fails; the ranks must notice and leave by themselves
     cmd = mpirun_command(4, [sys.executable, REPORTER, sys.executable, WORKER, "strategy=ps", "data.name=digits",
