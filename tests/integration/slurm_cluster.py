@@ -48,14 +48,19 @@ class SlurmCluster:
         self.conf.write_text("\n".join([
             "ClusterName=hvdtest", f"SlurmctldHost={self.host}(127.0.0.1)",
             "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire is also how long slurmctld holds a requeued job back (cred_expire + 1 s):
+            # slurmd refuses a launch credential not newer than the job's revocation, so the
+            # hold is what makes a requeue safe. 5 s is SLURM's minimum; 120 s its default.
+            f"AuthInfo=socket={self.munge_socket},cred_expire=5",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
             f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "MpiDefault=pmix",
-            "ReturnToService=2", "SchedulerType=sched/builtin", "SlurmdParameters=config_overrides",
+            "ReturnToService=2", "SchedulerType=sched/builtin",
+            # the main scheduling loop (default every 60 s) starts a requeued job once its hold ends
+            "SchedulerParameters=sched_interval=1", "SlurmdParameters=config_overrides",
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN",
             f"PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES",
         ]) + "\n")
