@@ -83,3 +83,24 @@ def test_whole_float_labels_are_accepted(tmp_path):
     np.savez(path, x=np.random.default_rng(0).random((10, 3)), y=np.array([0.0, 1.0] * 5))
     splits = build_splits(load_config(None, ["data.name=npz", f"data.path={path}"]).data, 0)
     assert splits.num_classes == 2
+
+
+def test_digits_read_without_sklearn_equal_sklearns_load_digits():
+    """The digits arrays come from scikit-learn's CSV, read without importing scikit-learn:
+    exactly what ``load_digits`` gives, scaled to [0, 1], in (N, 1, 8, 8)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from hvd_trainer.data import load_digits_arrays
+
+    x, y = load_digits_arrays()
+    bunch = load_digits()
+    assert x.shape == (1797, 1, 8, 8) and x.dtype == np.float32 and y.dtype == np.int64
+    np.testing.assert_array_equal(x, (bunch.images / 16.0).astype(np.float32)[:, None])
+    np.testing.assert_array_equal(y, bunch.target)
+    # and scikit-learn stays unimported in a process that loads them
+    code = "import sys; from hvd_trainer.data import load_digits_arrays; load_digits_arrays(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr
