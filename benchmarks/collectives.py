@@ -197,7 +197,7 @@ def job_horovod(sizes, warmup, repeats, trainer: bool):
 
         def op():
             h = hvd.allreduce_async_(t, name=name, op=hvd.Sum)
-            if trainer:
+            if trainer:  # as HorovodStrategy waits: a sleep-poll only with horovod.wait_poll_us > 0
                 wait_for(hvd, [h], poll_s)
             hvd.synchronize(h)
         return op

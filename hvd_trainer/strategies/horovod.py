@@ -50,7 +50,13 @@ def wait_for(hvd, handles: Sequence[int], poll_s: float = 100e-6) -> None:
     ``hvd.synchronize`` waits in a ``std::this_thread::yield()`` loop. With one core per rank
     that core is shared by the waiting thread and Horovod's background thread, which runs the
     allreduce being waited for; a yielding thread stays runnable and keeps taking its share of
-    the core. Sleeping hands the whole core to the allreduce."""
+    the core. Sleeping hands the whole core to the allreduce.
+
+    ``poll_s`` 0 (``horovod.wait_poll_us`` 0, the default): return at once and leave the wait to
+    ``hvd.synchronize``, which with the patched build sleeps on a condition variable. A poll loop
+    of ``time.sleep(0)`` would stay runnable beside the allreduce it waits for."""
+    if poll_s <= 0:
+        return
     pending = [h for h in handles if isinstance(h, int)]  # None: not fired; a callable: sparse
     while pending:
         pending = [h for h in pending if not hvd.poll(h)]
@@ -165,8 +171,7 @@ class HorovodStrategy(Strategy):
             return loss
         # Check and clip the *averaged* gradient (fp16: unscaled first): wait for the allreduce,
         # then step without a second allreduce.
-        if self.hcfg.wait_poll_us > 0:
-            wait_for(self.hvd, [h for h, _ in optimizer._handles.values()], self.hcfg.wait_poll_us * 1e-6)
+        wait_for(self.hvd, [h for h, _ in optimizer._handles.values()], self.hcfg.wait_poll_us * 1e-6)
         optimizer.synchronize()
         with optimizer.skip_synchronize():
             checked_update(model, optimizer, grad_clip, self.precision)
