@@ -61,6 +61,10 @@ class SlurmCluster:
             "ReturnToService=2", "SchedulerType=sched/builtin",
             # the main scheduling loop (default every 60 s) starts a requeued job once its hold ends
             "SchedulerParameters=sched_interval=1", "SlurmdParameters=config_overrides",
+            # sbatch --wait polls after 2, 8 and then every 32 s, unless MinJobAge (how long a
+            # finished job's record stays; default 300 s) is under twice the interval: at 4 s it
+            # polls every 2 s. The requeue test reads the finished job's record within 0.5 s.
+            "MinJobAge=4",
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN",
             f"PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES",
         ]) + "\n")

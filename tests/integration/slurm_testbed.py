@@ -52,6 +52,10 @@ class TestbedSlurm:
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "MpiDefault=pmix", "ReturnToService=2",
             "SchedulerType=sched/builtin", "SlurmdParameters=config_overrides",
+            # sbatch --wait polls after 2, 8 and then every 32 s, unless MinJobAge (how long a
+            # finished job's record stays; default 300 s) is under twice the interval: at 4 s it
+            # polls every 2 s, and a job of 11 s no longer took 42 s to be seen finished
+            "MinJobAge=4",
             # every "host" has this machine's cores; 2 CPUs each is what one rank per host needs
             *(f"NodeName={h.name} NodeAddr={h.address} CPUs=2 RealMemory=1000 State=UNKNOWN" for h in hosts),
             f"PartitionName=test Nodes={','.join(h.name for h in hosts)} Default=YES MaxTime=INFINITE State=UP "
