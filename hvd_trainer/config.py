@@ -72,9 +72,12 @@ class DataConfig(_Section):
     """Page-locked host batches for faster, asynchronous copies to the GPU (CUDA only)."""
     persistent_workers: bool = True
     """Keep the workers alive from one epoch to the next (num_workers > 0)."""
-    worker_start: Literal["fork", "forkserver", "spawn"] = "fork"
-    """How workers start; ``forkserver``/``spawn`` where fork after MPI init is unsafe (some
-    InfiniBand stacks); they need a picklable data set."""
+    worker_start: Literal["fork", "forkserver", "spawn"] = "forkserver"
+    """How loader workers start. ``forkserver`` (default): forked from a clean helper process
+    that has torch loaded; needs a picklable data set (one that is not falls back to fork, with
+    a warning). ``fork``: copies the rank after MPI and Horovod have started threads, which can
+    leave a worker stuck on a lock for good (seen here: a hung job). ``spawn``: a fresh
+    interpreter per worker."""
     uneven_shards: Literal["pad", "truncate"] = "pad"
     """For ``shards``: ranks whose shards hold fewer samples than the largest rank's repeat some
     of their own (``pad``), or every rank stops at the smallest rank's count (``truncate``); so

@@ -23,7 +23,15 @@ Every training rank builds its pipeline from the same data set, config and seed.
 """
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import multiprocessing.context
+import pickle
+import pickletools
 import random
+import sys
+import types
+import warnings
 from functools import partial
 from typing import Any, Iterator, Optional
 
@@ -125,7 +133,72 @@ class EpochSampler(Sampler):
         return max(0, self.num_samples - self.start)
 
 
-def loader_kwargs(cfg: DataConfig, device: torch.device, seed: int, rank: int) -> dict[str, Any]:
+# What a forkserver loads once, so that each worker it forks starts with torch and the pipeline
+# already imported (a worker then starts in milliseconds instead of a torch import).
+FORKSERVER_PRELOAD = ["hvd_trainer.pipeline"]
+
+
+def _refers_to_main(blob: bytes) -> bool:
+    """Whether a pickle names anything in ``__main__`` (a class or function of the launching
+    script), which a forkserver worker could only find by running that script again."""
+    return any(isinstance(arg, str) and arg == "__main__" for _, arg, _ in pickletools.genops(blob))
+
+
+def worker_context(start: str, dataset: Dataset, rank: int = 0) -> multiprocessing.context.BaseContext:
+    """How this rank's loader workers start.
+
+    ``fork`` copies a rank that already runs Horovod's background thread and MPI's own threads;
+    a lock one of them held at that moment stays locked in the child for good. Seen here: a
+    worker blocked on a futex from its first batch, its rank blocked waiting for the batch, and
+    the other rank blocked in the next allreduce (a 2-rank image job, once in a suite run). A
+    forkserver is started by fork+exec, before anything else runs in it, and forks the workers
+    from that clean, single-threaded process; :class:`WorkerLoader` keeps it from running the
+    launching script again. It needs a data set that pickles without the launching script's own
+    classes; any other falls back to fork, with a warning."""
+    if start != "fork":
+        try:
+            why = "it refers to the launching script (__main__)" if _refers_to_main(pickle.dumps(dataset)) else ""
+        except Exception as err:  # lambdas, open handles, locally defined classes ...
+            why = f"it cannot be pickled ({type(err).__name__}: {err})"
+        if why:
+            if rank == 0:
+                warnings.warn(f"data.worker_start={start}: the data set cannot go to the workers that way: {why}; "
+                              "starting loader workers with fork, which can hang after MPI and Horovod start their "
+                              "threads. Define it in an importable module, or set data.worker_start=fork to silence "
+                              "this", RuntimeWarning, stacklevel=2)
+            start = "fork"
+    ctx = multiprocessing.get_context(start)
+    if start == "forkserver":
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # read when the server starts: once per rank
+    return ctx
+
+
+@contextlib.contextmanager
+def _launching_script_hidden():
+    """While workers start: a ``__main__`` without a file or module name, so that multiprocessing
+    does not tell a forkserver or spawned worker to run the launching script again (a training
+    script without an ``if __name__ == "__main__"`` guard would train once more in every worker).
+    The data set has been checked not to need it (:func:`worker_context`)."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose forkserver or spawn workers start without the launching script."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0 or self.multiprocessing_context is None \
+                or self.multiprocessing_context.get_start_method() == "fork":
+            return super()._get_iterator()
+        with _launching_script_hidden():
+            return super()._get_iterator()
+
+
+def loader_kwargs(cfg: DataConfig, device: torch.device, seed: int, rank: int, dataset: Dataset) -> dict[str, Any]:
     """The DataLoader settings of ``cfg`` (workers, prefetch, pinning) for this rank."""
     workers = cfg.num_workers
     kw: dict[str, Any] = {"num_workers": workers,
@@ -134,7 +207,7 @@ def loader_kwargs(cfg: DataConfig, device: torch.device, seed: int, rank: int) -
     if workers > 0:
         kw.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
                   worker_init_fn=partial(_init_worker, seed, rank),
-                  multiprocessing_context=cfg.worker_start)
+                  multiprocessing_context=worker_context(cfg.worker_start, dataset, rank))
     return kw
 
 
@@ -154,8 +227,9 @@ class LoaderBatches:
         self._tensors = dataset.tensors if isinstance(dataset, TensorDataset) else None
         self.loader: Optional[DataLoader] = None
         if self._tensors is None:
-            self.loader = DataLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=self.sampler,
-                                     drop_last=cfg.drop_last, **loader_kwargs(cfg, device, seed, rank))
+            samples = SeededSamples(dataset, seed)
+            self.loader = WorkerLoader(samples, batch_size=batch_size, sampler=self.sampler,
+                                     drop_last=cfg.drop_last, **loader_kwargs(cfg, device, seed, rank, samples))
 
     def __len__(self) -> int:
         n = self.sampler.num_samples
@@ -200,8 +274,8 @@ def eval_loader(dataset: Dataset, batch_size: int, rank: int, size: int, cfg: Da
     from .data import eval_slice
 
     part = range(len(dataset)) if getattr(dataset, "rank_local", False) else eval_slice(len(dataset), rank, size)
-    return DataLoader(torch.utils.data.Subset(dataset, list(part)), batch_size=batch_size, shuffle=False,
-                      **loader_kwargs(cfg, device, seed, rank))
+    subset = torch.utils.data.Subset(dataset, list(part))
+    return WorkerLoader(subset, batch_size=batch_size, shuffle=False, **loader_kwargs(cfg, device, seed, rank, subset))
 
 
 def is_fast_path(dataset: Dataset) -> bool:

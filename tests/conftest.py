@@ -44,6 +44,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, parts[0]))
 
 
+def _own_multiprocessing_helper(p: psutil.Process, me: int) -> bool:
+    """This pytest process's own forkserver or resource tracker (started when a unit test's
+    DataLoader starts workers): each ends when its parent does, as they do in a training rank."""
+    cmd = " ".join(p.cmdline())
+    return p.ppid() == me and ("from multiprocessing.forkserver import" in cmd
+                               or "from multiprocessing.resource_tracker import" in cmd)
+
+
 def _tagged(var: str, value: str) -> list[psutil.Process]:
     me = os.getpid()
     found = []
@@ -51,7 +59,8 @@ def _tagged(var: str, value: str) -> list[psutil.Process]:
         if p.pid == me:
             continue
         try:
-            if p.environ().get(var) == value and p.status() != psutil.STATUS_ZOMBIE:
+            if p.environ().get(var) == value and p.status() != psutil.STATUS_ZOMBIE \
+                    and not _own_multiprocessing_helper(p, me):
                 found.append(p)
         except psutil.Error:
             continue

@@ -104,3 +104,66 @@ def test_loader_shards_like_the_tensor_fast_path_and_keeps_its_workers():
 def test_in_memory_tensors_keep_the_fast_path():
     tensors = TensorDataset(torch.zeros(8, 1), torch.zeros(8, dtype=torch.long))
     assert isinstance(make_batches(tensors, 4, 0, 1, 0, load_config(None).data), ShardedBatches)
+
+
+class _Squares(Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i * i)])
+
+
+def test_workers_start_from_a_forkserver_unless_the_data_set_cannot_get_there(monkeypatch):
+    """forkserver by default (fork would copy a rank with MPI's and Horovod's threads running);
+    a data set that does not pickle, or that names the launching script's own classes, falls
+    back to fork with a warning that says why and what to do."""
+    import sys
+    import warnings
+
+    from hvd_trainer.pipeline import worker_context
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert worker_context("forkserver", _Squares()).get_start_method() == "forkserver"
+        assert worker_context("fork", _Squares()).get_start_method() == "fork"
+    unpicklable = TensorDataset(torch.zeros(2))
+    unpicklable.transform = lambda x: x
+    with pytest.warns(RuntimeWarning, match=r"data.worker_start=forkserver: .*cannot be pickled.*worker_start=fork"):
+        assert worker_context("forkserver", unpicklable).get_start_method() == "fork"
+
+    class InScript(_Squares):
+        pass
+    InScript.__module__, InScript.__qualname__ = "__main__", "InScript"
+    monkeypatch.setattr(sys.modules["__main__"], "InScript", InScript, raising=False)
+    with pytest.warns(RuntimeWarning, match=r"launching script \(__main__\)"):
+        assert worker_context("spawn", InScript()).get_start_method() == "fork"
+
+
+def test_forkserver_workers_do_not_run_the_launching_script_again(tmp_path):
+    """A training script without an ``if __name__ == "__main__"`` guard: its loader workers
+    (forkserver, the default) must not execute it again, and it runs once."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train_script.py"
+    marks = tmp_path / "marks"
+    script.write_text(
+        "import os, torch\n"
+        f"open({str(marks)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        "from torch.utils.data import Dataset\n"
+        "from hvd_trainer.config import load_config\n"
+        "from hvd_trainer.pipeline import LoaderBatches\n"
+        "from tests_pipeline_squares import Squares\n"
+        "cfg = load_config(None, ['data.num_workers=2']).data\n"
+        "b = LoaderBatches(Squares(), 2, 0, 1, 0, cfg)\n"
+        "print(sorted(float(x) for batch in b.epoch(0) for x in batch[0].flatten()))\n"
+        "b.close()\n")
+    (tmp_path / "tests_pipeline_squares.py").write_text(
+        "import torch\nfrom torch.utils.data import Dataset\n"
+        "class Squares(Dataset):\n    def __len__(self):\n        return 6\n"
+        "    def __getitem__(self, i):\n        return torch.tensor([float(i * i)])\n")
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "[0.0, 1.0, 4.0, 9.0, 16.0, 25.0]", res.stdout
+    assert len(marks.read_text().split()) == 1, "the script ran again in a worker"
