@@ -229,7 +229,7 @@ class LoaderBatches:
         if self._tensors is None:
             samples = SeededSamples(dataset, seed)
             self.loader = WorkerLoader(samples, batch_size=batch_size, sampler=self.sampler,
-                                     drop_last=cfg.drop_last, **loader_kwargs(cfg, device, seed, rank, samples))
+                                       drop_last=cfg.drop_last, **loader_kwargs(cfg, device, seed, rank, samples))
 
     def __len__(self) -> int:
         n = self.sampler.num_samples
