@@ -122,9 +122,7 @@ def markdown(result: dict, plots) -> str:
     ax.set_title(f"allreduce bus bandwidth, {result['np']} ranks (raw MPI dashed: the ceiling)")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(plots / "collectives_busbw.png", dpi=110)
-    plt.close(fig)
+    core.save_plot(fig, plots / "collectives_busbw.png")
 
     lines = ["![bus bandwidth](plots/collectives_busbw.png)", "",
              f"Bus bandwidth (GB/s, median; nccl-tests definition) at {result['np']} ranks; in brackets the "

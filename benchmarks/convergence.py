@@ -173,9 +173,7 @@ def _plot(result: dict, x: str, path: Path) -> None:
     ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
     ax.set_title(f"digits: test accuracy against {'epochs' if x == 'epoch' else 'wall time'} (first run)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    core.save_plot(fig, path)
 
 
 def markdown(result: dict, plots: Path) -> str:

@@ -91,6 +91,16 @@ def iters_for(nbytes: int, budget_bytes: int = 64 * MB, cap: int = 200) -> int:
     return max(1, min(cap, budget_bytes // max(1, nbytes)))
 
 
+def save_plot(fig, path: Path) -> None:
+    """Lay out, write (PNG, 110 dpi) and close one matplotlib figure; ``path``'s folder is made."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def machine() -> dict[str, Any]:
     """Where and with what the figures were measured."""
     import platform

@@ -266,10 +266,7 @@ def _plot(result: dict, path: Path) -> None:
         ax.set_ylabel("ms")
         ax.set_title(f"{title}, {result['workers']} workers")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    core.save_plot(fig, path)
 
 
 # --- jobs (one rank per host) -----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from . import costmodel
+from . import core, costmodel
 
 TITLE = "Cost model: calibration, error against every measured point, projection"
 TOLERANCE = 0.20
@@ -148,9 +148,7 @@ def markdown(check: dict[str, Any], plots) -> str:
         ax.set_ylabel("predicted (s)")
         ax.set_title("cost model vs every measured point")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(plots / "model_vs_measured.png", dpi=110)
-        plt.close(fig)
+        core.save_plot(fig, plots / "model_vs_measured.png")
         lines += ["", "![model vs measured](plots/model_vs_measured.png)", ""]
     link = check["projection_link"]
     lines += [f"Projection: a ResNet-50-sized gradient ({costmodel.RESNET50_PARAMS / 1e6:.1f}M fp32 parameters) "
@@ -177,9 +175,7 @@ def markdown(check: dict[str, Any], plots) -> str:
     ax.set_title("ResNet-50 gradient at 25 Gbit/s: projected")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(plots / "projection.png", dpi=110)
-    plt.close(fig)
+    core.save_plot(fig, plots / "projection.png")
     lines += ["", "![projection](plots/projection.png)", "",
               "`hvd-bench --advise --params P --workers N [--link-gbit G] [--compute-ms C]` prints the same "
               "model's ranking of strategies and knobs for a given model, worker count and link."]

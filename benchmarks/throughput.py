@@ -147,9 +147,7 @@ def markdown(result: dict, plots) -> str:
     ax.set_ylabel("samples/s as a fraction of the limit")
     ax.set_title("2 ranks: throughput / limit (bars: median, whiskers: min..max)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plots / "throughput_vs_limit.png", dpi=110)
-    plt.close(fig)
+    core.save_plot(fig, plots / "throughput_vs_limit.png")
     lines += ["", "![throughput vs limit](plots/throughput_vs_limit.png)"]
     return "\n".join(lines)
 
