@@ -11,7 +11,8 @@ Paths:
                        defaults (1 ms cycle, MPI busy-polls)
   horovod-mpi/trainer  the same op with the trainer's settings and its own wait
                        (``strategies.horovod.wait_for``): the trainer's gradient path
-  horovod-gloo/trainer the trainer's path under ``horovodrun --gloo`` (Gloo controller and ops)
+  horovod-gloo/stock   the stock op under ``horovodrun --gloo`` (Gloo controller and ops)
+  horovod-gloo/trainer the trainer's path under ``horovodrun --gloo``
   torch-gloo           ``torch.distributed.all_reduce`` over gloo (what DDP uses)
   ps                   the parameter server's push+pull with the real ``ShardServer`` (sync rule,
                        SGD step on the shard): np-1 workers and one server rank
@@ -48,6 +49,7 @@ def paths() -> dict[str, dict[str, Any]]:
         "mpi": {"job": "mpi", "np": NP, "env": _settings(False)},
         "horovod-mpi/stock": {"job": "horovod-stock", "np": NP, "env": _settings(False)},
         "horovod-mpi/trainer": {"job": "horovod-trainer", "np": NP, "env": _settings(True)},
+        "horovod-gloo/stock": {"job": "horovod-stock", "np": NP, "env": _settings(False), "launcher": "horovodrun-gloo"},
         "horovod-gloo/trainer": {"job": "horovod-trainer", "np": NP, "env": _settings(True), "launcher": "horovodrun-gloo"},
         "torch-gloo": {"job": "torch-gloo", "np": NP, "env": {}},
         "ps": {"job": "ps", "np": NP + 1, "env": {}},

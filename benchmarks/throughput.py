@@ -20,7 +20,8 @@ Variants (``hvd-train`` through the library API unless named "hand"):
   horovod/grouped       horovod.groups=1: one grouped allreduce after backward
   horovod/cycle=N ms    another negotiation cycle
   ddp                   strategy=ddp (torch DDP over gloo)
-  ps/sync, ps/async     strategy=ps, one extra server rank (np workers + 1 server)
+  ps/sync, ps/async,    strategy=ps, one extra server rank (np workers + 1 server); ssp with
+  ps/ssp                ps.staleness=2
   hand/horovod          a minimal hand-written Horovod loop (DistributedOptimizer), stock settings
   hand/ddp              a minimal hand-written DDP loop over gloo
   hand/ps-naive         the simplest correct mpi4py parameter server: blocking Send/Recv of whole
@@ -58,6 +59,7 @@ def variants(mode: core.Mode, np: int) -> dict[str, dict[str, Any]]:
         "ddp": {"job": "trainer", "overrides": ["strategy=ddp"]},
         "ps/sync": {"job": "trainer", "overrides": ["strategy=ps", "ps.mode=sync"], "servers": 1},
         "ps/async": {"job": "trainer", "overrides": ["strategy=ps", "ps.mode=async"], "servers": 1},
+        "ps/ssp": {"job": "trainer", "overrides": ["strategy=ps", "ps.mode=ssp", "ps.staleness=2"], "servers": 1},
         "hand/horovod": {"job": "hand-horovod", "env": _stock()},
         "hand/ddp": {"job": "hand-ddp"},
         "hand/ps-naive": {"job": "hand-ps", "servers": 1},
