@@ -79,7 +79,7 @@ def test_loading_is_weights_only(tmp_path):
 
 
 def test_rng_round_trip_through_a_weights_only_checkpoint(tmp_path):
-    from hvd_trainer import rng
+    from hvd_trainer.runtime import rng
     import random
     import numpy as np
 

@@ -4,7 +4,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from hvd_trainer.config import ConfigError, load_config
-from hvd_trainer.data import ShardedBatches, build_splits, eval_batches, eval_slice
+from hvd_trainer.data.sharding import ShardedBatches, eval_batches, eval_slice
+from hvd_trainer.data.sources import build_splits
 
 
 @pytest.mark.parametrize("n,size", [(10, 3), (359, 2), (2, 4), (7, 7)])
@@ -21,8 +22,10 @@ def test_shards_of_two_ranks_interleave_to_one_rank_batches():
     ds = _dataset(64)
     one = ShardedBatches(ds, 8, 0, 1, seed=3)
     two = [ShardedBatches(ds, 4, r, 2, seed=3) for r in range(2)]
+    assert len(one) == len(two[0]) == len(two[1]) == 8
     for epoch in range(2):
-        for big, a, b in zip(one.epoch(epoch), two[0].epoch(epoch), two[1].epoch(epoch)):
+        # strict: a rank with a batch more or fewer fails here instead of being cut off
+        for big, a, b in zip(one.epoch(epoch), two[0].epoch(epoch), two[1].epoch(epoch), strict=True):
             assert sorted(big[1].tolist()) == sorted(a[1].tolist() + b[1].tolist())
 
 
@@ -93,7 +96,7 @@ def test_digits_read_without_sklearn_equal_sklearns_load_digits():
 
     from sklearn.datasets import load_digits
 
-    from hvd_trainer.data import load_digits_arrays
+    from hvd_trainer.data.sources import load_digits_arrays
 
     x, y = load_digits_arrays()
     bunch = load_digits()
@@ -101,6 +104,6 @@ def test_digits_read_without_sklearn_equal_sklearns_load_digits():
     np.testing.assert_array_equal(x, (bunch.images / 16.0).astype(np.float32)[:, None])
     np.testing.assert_array_equal(y, bunch.target)
     # and scikit-learn stays unimported in a process that loads them
-    code = "import sys; from hvd_trainer.data import load_digits_arrays; load_digits_arrays(); print('sklearn' in sys.modules)"
+    code = "import sys; from hvd_trainer.data.sources import load_digits_arrays; load_digits_arrays(); print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr

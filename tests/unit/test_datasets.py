@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from hvd_trainer.config import ConfigError, load_config
-from hvd_trainer.datasets import ImageFolder, NpzShards, assign_shards, build_images, write_image_folder, write_npz_shards
-from hvd_trainer.pipeline import make_batches
+from hvd_trainer.data.datasets import ImageFolder, NpzShards, build_images, write_image_folder, write_npz_shards
+from hvd_trainer.data.loaders import make_batches
+from hvd_trainer.data.sharding import assign_shards
 
 
 def _shards(tmp_path, sizes, features=5):

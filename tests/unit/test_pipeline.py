@@ -8,9 +8,9 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from hvd_trainer.config import load_config
-from hvd_trainer.data import ShardedBatches
-from hvd_trainer.datasets import build_images, write_image_folder
-from hvd_trainer.pipeline import LoaderBatches, make_batches
+from hvd_trainer.data.sharding import ShardedBatches
+from hvd_trainer.data.datasets import build_images, write_image_folder
+from hvd_trainer.data.loaders import LoaderBatches, make_batches
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_workers_start_from_a_forkserver_unless_the_data_set_cannot_get_there(mo
     import sys
     import warnings
 
-    from hvd_trainer.pipeline import worker_context
+    from hvd_trainer.data.workers import worker_context
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -153,7 +153,7 @@ def test_forkserver_workers_do_not_run_the_launching_script_again(tmp_path):
         f"open({str(marks)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
         "from torch.utils.data import Dataset\n"
         "from hvd_trainer.config import load_config\n"
-        "from hvd_trainer.pipeline import LoaderBatches\n"
+        "from hvd_trainer.data.loaders import LoaderBatches\n"
         "from tests_pipeline_squares import Squares\n"
         "cfg = load_config(None, ['data.num_workers=2']).data\n"
         "b = LoaderBatches(Squares(), 2, 0, 1, 0, cfg)\n"

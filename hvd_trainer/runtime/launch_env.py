@@ -15,20 +15,17 @@ from typing import MutableMapping, Optional
 MPI_LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK")
 # Where a rank can read its own number before any communication, most specific first.
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID", "RANK")
+SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "HOROVOD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS", "WORLD_SIZE")
 
-# Measured here (README "Speed", benchmarks/REPORT.md): Open MPI's blocking waits busy-poll, so a
-# rank that waits in MPI (Horovod's background thread, a parameter server, a rank parked in a
-# collective) takes a core from the computing ranks. Yielding when idle made Horovod at np=2
-# ~1.5x faster and a 3-process parameter-server job on 2 cores ~9% faster. A value already in the
-# environment wins.
+# Open MPI's blocking waits busy-poll, so a rank that only waits (Horovod's background thread,
+# a parameter server, a rank parked in a collective) takes a core from the ranks that compute.
+# A value already in the environment wins.
 MPI_RUNTIME_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 
 
-# Measured here (hvd-bench, collectives): MPI_Allreduce of a 16 MB torch tensor took 2.7 ms, of a
-# numpy array 1.6 ms. numpy asks for transparent huge pages on large arrays, torch's allocator
-# does so only with this variable set; with it, a 16 MB allreduce through Horovod took 1.8 ms
-# instead of 3.3. Read once, at torch's first allocation: it must be in the environment before
-# torch is imported (hvd_trainer's import sets it; a value already there wins).
+# torch's allocator asks for transparent huge pages only with this set (numpy always does), and
+# large buffers handed to MPI copy faster on them. Read at torch's first allocation, so it must be
+# in the environment before torch is imported (hvd_trainer's import sets it; a value there wins).
 TORCH_RUNTIME_DEFAULTS = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
@@ -48,11 +45,17 @@ def launched_by_mpi(environ: Optional[MutableMapping[str, str]] = None) -> bool:
 
 def launcher_rank(environ: Optional[MutableMapping[str, str]] = None) -> int:
     """This process's rank as the launcher tells it (0 when started without one)."""
+    return _first_int(RANK_VARS, 0, environ)
+
+
+def launcher_size(environ: Optional[MutableMapping[str, str]] = None) -> int:
+    """The job's process count as the launcher tells it (1 when started without one)."""
+    return _first_int(SIZE_VARS, 1, environ)
+
+
+def _first_int(names: tuple[str, ...], default: int, environ: Optional[MutableMapping[str, str]]) -> int:
     env = os.environ if environ is None else environ
-    for var in RANK_VARS:
-        if var in env:
-            return int(env[var])
-    return 0
+    return next((int(env[v]) for v in names if v in env), default)
 
 
 def usable_cores() -> int:

@@ -1,7 +1,9 @@
-"""Data sets users have: a glob of .npz shards read in part by each rank, and an image folder.
+"""Data sets users have: a glob of .npz shards read in part by each rank, and an image folder;
+and writers of both (test data, benchmarks).
 
 :class:`NpzShards` (``data.name: shards``) is *rank-local*: each rank opens only its own shards (the
-files are dealt out by size, see :func:`assign_shards`) and holds only those samples. Shards of unequal size would give ranks
+files are dealt out by size, see :func:`~hvd_trainer.data.sharding.assign_shards`) and holds only
+those samples. Shards of unequal size would give ranks
 unequal step counts, and the rank with more steps would wait forever in a collective the others
 never enter; so the ranks agree on their counts once (one small ``allgather``) and every rank
 runs the same number of samples per epoch: the smaller ranks repeat some of their own samples
@@ -12,7 +14,9 @@ smallest count (``truncate``).
 lists the same files (listing opens none), the sampler shards the indices, and each image is
 decoded (Pillow) and augmented in the loader's worker processes. ``transform`` (Python API) gets
 the decoded ``float32`` tensor (C, H, W) in [0, 1] and returns the sample; its random draws are
-seeded per sample by the pipeline (:mod:`hvd_trainer.pipeline`).
+seeded per sample by the pipeline (:mod:`hvd_trainer.data.loaders`). A file that cannot be
+decoded raises :class:`~hvd_trainer.data.validation.BadSample`, which the loader turns into a
+one-line error or a skipped sample (``data.bad_samples``).
 
 Both are map-style ``Dataset`` objects; the Python API still takes any ``Dataset``.
 """
@@ -26,10 +30,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from .config import ConfigError
+from ..config import ConfigError
+from .sharding import Allgather, assign_shards
+from .validation import BadSample, check_arrays
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-Allgather = Callable[[Any], list]
 
 
 class NpzShards(TensorDataset):
@@ -65,7 +70,6 @@ class NpzShards(TensorDataset):
             try:
                 with np.load(path, allow_pickle=False) as arrays:
                     x, y = arrays["x"], arrays["y"]
-                from .data import check_arrays  # the same checks as a single .npz
                 check_arrays(x, y, f"{path}: x/y")
             except ConfigError as err:
                 error = f"{self.key}: {str(err).split(': ', 1)[1]}"
@@ -106,32 +110,6 @@ class NpzShards(TensorDataset):
         return self
 
 
-def assign_shards(files: Sequence[str], size: int) -> list[list[str]]:
-    """Shards per rank, balanced by file size (``stat`` only: nothing is opened): the largest
-    file goes to the rank with the fewest bytes so far (ties: the lower rank). Every rank
-    computes the same assignment from the same listing."""
-    import os
-
-    load, out = [0] * size, [[] for _ in range(size)]
-    for path in sorted(files, key=lambda f: (-os.path.getsize(f), f)):
-        r = min(range(size), key=lambda i: (load[i], i))
-        out[r].append(path)
-        load[r] += os.path.getsize(path)
-    return [sorted(part) for part in out]
-
-
-def local_order(n: int, target: int, seed: int, epoch: int, rank: int, shuffle: bool) -> torch.Tensor:
-    """A rank-local epoch order: ``target`` indices of ``range(n)``, shuffled per (seed, epoch,
-    rank); repeats its own samples when ``target > n`` (pad), stops early when ``target < n``."""
-    if shuffle:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + rank)
-        order = torch.randperm(n, generator=g)
-    else:
-        order = torch.arange(n)
-    reps = -(-target // n)
-    return order.repeat(reps)[:target]
-
-
 class CropFlip:
     """Random crop of the image padded by ``pad`` pixels, and a horizontal flip half the time
     (the usual CIFAR augmentation), drawing from torch's generator (seeded per sample)."""
@@ -167,12 +145,13 @@ class ImageFolder(Dataset):
 
     ``transform(x) -> x`` runs on the decoded tensor in the loader's workers (Python API);
     ``samples``/``classes`` may be given to make a view (a train/test split) without listing.
+    A file that cannot be decoded raises :class:`BadSample` naming ``key`` and the file.
     """
 
     def __init__(self, root: str, transform: Optional[Callable] = None, mode: str = "RGB",
                  size: Optional[Sequence[int]] = None, samples: Optional[list[tuple[str, int]]] = None,
                  classes: Optional[list[str]] = None, key: str = "data.path") -> None:
-        self.root, self.transform, self.mode = str(root), transform, mode
+        self.root, self.transform, self.mode, self.key = str(root), transform, mode, key
         self.size = list(size) if size is not None else None
         if samples is None:
             classes, samples = list_images(root, key)
@@ -184,14 +163,24 @@ class ImageFolder(Dataset):
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self[0][0].shape)
+        """The shape of the first sample that decodes (unreadable files are the loader's to judge)."""
+        first_error: Optional[BadSample] = None
+        for i in range(len(self)):
+            try:
+                return tuple(self[i][0].shape)
+            except BadSample as err:
+                first_error = first_error or err
+        raise first_error or ConfigError(f"{self.key}: no images")
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        x = decode_image(path, self.mode, self.size)
+        try:
+            x = decode_image(path, self.mode, self.size)
+        except Exception as err:  # noqa: BLE001 - corrupt, truncated, gone: the file is the cause
+            raise BadSample.of(self.key, path, err) from None
         return (self.transform(x) if self.transform is not None else x), label
 
     def split(self, fraction: float, seed: int, train_transform: Optional[Callable] = None) -> tuple["ImageFolder", "ImageFolder"]:
@@ -199,7 +188,7 @@ class ImageFolder(Dataset):
         order = np.random.default_rng(seed).permutation(len(self.samples))
         n_test = max(1, int(round(len(order) * fraction)))
         pick = lambda idx: [self.samples[i] for i in sorted(idx)]  # noqa: E731
-        make = lambda s, t: ImageFolder(self.root, t, self.mode, self.size, s, self.classes)  # noqa: E731
+        make = lambda s, t: ImageFolder(self.root, t, self.mode, self.size, s, self.classes, self.key)  # noqa: E731
         return make(pick(order[n_test:]), train_transform), make(pick(order[:n_test]), None)
 
 
@@ -253,21 +242,3 @@ def build_shards(cfg) -> tuple[NpzShards, NpzShards]:
     """(train, test) shard sets for ``data.name: shards``, not yet opened (see :meth:`NpzShards.bind`)."""
     return (NpzShards(cfg.path, cfg.uneven_shards, "data.path"),
             NpzShards(cfg.test_path, "pad", "data.test_path"))
-
-
-def bind_rank_local(datasets, rank: int, size: int, allgather: Allgather) -> None:
-    """Every training rank (collective): open each rank-local data set's part on this rank."""
-    for ds in datasets:
-        if hasattr(ds, "bind"):
-            ds.bind(rank, size, allgather)
-
-
-def data_summary(train, test, cfg) -> dict[str, Any]:
-    """What summary.json says about the data: the loader settings, and which shards each rank opened."""
-    indexed = isinstance(train, TensorDataset)  # in-memory tensors (shared or rank-local): no workers
-    out: dict[str, Any] = {"name": cfg.name, "loader": "tensors" if indexed else "workers",
-                           "num_workers": 0 if indexed else cfg.num_workers}
-    for key, ds in (("shards_opened", train), ("test_shards_opened", test)):
-        if isinstance(ds, NpzShards):
-            out[key] = ds.opened_by_rank
-    return out

@@ -1,4 +1,5 @@
-"""Capture and restore one rank's random streams in a form weights-only loading accepts."""
+"""One rank's random streams: seeded per rank, captured and restored in a form weights-only
+loading accepts."""
 from __future__ import annotations
 
 import random
@@ -24,3 +25,12 @@ def restore(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate((state["python_version"], tuple(state["python"]), None))
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed this rank's torch, numpy and ``random`` streams with ``seed + rank`` (dropout and
+    other per-rank draws differ across ranks, reproducibly). Call after the model is built from
+    ``seed`` on every rank (rank 0's weights are broadcast anyway)."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % (2 ** 32))
+    torch.manual_seed(seed + rank)
