@@ -1,20 +1,20 @@
 """The training state: everything an exact resume needs, in one object.
 
 ``state_dict()`` returns exactly the keys of :data:`hvd_trainer.checkpoint.SCHEMA`;
-``load_state_dict()`` puts them back. This is the shape a checkpoint, a preemption handler and
-Horovod elastic's ``commit()``/``restore()`` all call.
+``load_state_dict()`` puts them back. ``snapshot()``/``load_snapshot()`` are the in-memory
+copies Horovod elastic commits and rolls back to.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from . import rng
 from .checkpoint import FORMAT, SCHEMA
-from .config import ConfigError
-from .strategies.base import Strategy
+from .runtime import rng
+from .strategies.base import Strategy, unwrap
 
 
 class TrainState:
@@ -30,15 +30,20 @@ class TrainState:
         self.batch_in_epoch = 0  # micro-batches this rank consumed in the current epoch
         self.epoch_offset = 0    # samples of the epoch trained on before the ranks last changed
 
+    @property
+    def position(self) -> tuple[int, int, int, int]:
+        return self.step, self.epoch, self.batch_in_epoch, self.epoch_offset
+
     def state_dict(self) -> dict[str, Any]:
         """Collective over the training ranks (gathers their RNG streams; a parameter server's
         worker 0 collects its servers' state); every rank gets the whole payload."""
         s = self.strategy
         rngs = s.allgather_object(rng.capture())
-        payload = {"format": FORMAT, **s.state_dict(self.model, self.optimizer),
+        payload = {"format": FORMAT, **s.checkpoint_state(self.model, self.optimizer),
                    "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
-                   "batch_in_epoch": self.batch_in_epoch, "epoch_offset": self.epoch_offset, "rng": rngs, "config": self.config,
-                   "world_size": s.size, "strategy": s.name, "precision": s.precision.state_dict()}
+                   "batch_in_epoch": self.batch_in_epoch, "epoch_offset": self.epoch_offset,
+                   "rng": rngs, "config": self.config, "world_size": s.size, "strategy": s.name,
+                   "precision": s.precision.state_dict()}
         assert payload.keys() == SCHEMA.keys(), sorted(payload.keys() ^ SCHEMA.keys())
         return payload
 
@@ -46,22 +51,34 @@ class TrainState:
         """Restore from a validated payload (every training rank, the same payload). Returns a
         note for the user when something could not be restored exactly, else None."""
         s = self.strategy
-        if payload["strategy"] != s.name and "ps" in (payload["strategy"], s.name):
-            # Horovod and DDP checkpoints are interchangeable; a parameter server's is not
-            raise ConfigError(f"checkpoint: written by strategy={payload['strategy']}, this run is "
-                              f"strategy={s.name}: set checkpoint.resume=never or another run_dir")
-        s.load_state_dict(self.model, self.optimizer, payload)
+        old_ranks = s.check_checkpoint(payload["strategy"], int(payload["world_size"]))
+        s.load_checkpoint_state(self.model, self.optimizer, payload)
         self.scheduler.load_state_dict(payload["scheduler"])
         s.precision.load_state_dict(payload["precision"])
         self.step, self.epoch, self.batch_in_epoch, self.epoch_offset = (
             int(payload[k]) for k in ("step", "epoch", "batch_in_epoch", "epoch_offset"))
-        non_training = s.size - s.dp_size  # parameter servers: the same count in a run that resumes
-        self.rebase(int(payload["world_size"]) - non_training, s.dp_size)
+        self.rebase(old_ranks, s.dp_size)
         if len(payload["rng"]) == s.dp_size:
             rng.restore(payload["rng"][s.dp_rank])
             return None
         return (f"the checkpoint has {len(payload['rng'])} ranks' random streams, this run {s.dp_size}: "
                 f"random streams restart (weights and position are exact)")
+
+    def snapshot(self) -> dict[str, Any]:
+        """This rank's state, copied (no communication): an elastic commit."""
+        return copy.deepcopy({"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "scheduler": self.scheduler.state_dict(), "position": self.position,
+                              "dp_size": self.strategy.dp_size})
+
+    def load_snapshot(self, snap: dict[str, Any]) -> None:
+        """Back to a commit (this rank's own, or rank 0's after a sync); the position is then
+        re-expressed for the ranks there are now."""
+        snap = copy.deepcopy(snap)
+        unwrap(self.model).load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.scheduler.load_state_dict(snap["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch, self.epoch_offset = snap["position"]
+        self.rebase(snap["dp_size"], self.strategy.dp_size)
 
     def rebase(self, old_ranks: int, new_ranks: int) -> None:
         """The position in the current epoch, for ``new_ranks`` data-parallel ranks where it was

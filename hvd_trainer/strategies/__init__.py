@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from ..config import TrainConfig
+from ..precision import Precision
 from .base import Strategy
 
 
@@ -21,9 +24,13 @@ def strategy_class(name: str) -> type[Strategy]:
     if name == "ps":
         from .ps import ParameterServerStrategy
         return ParameterServerStrategy
+    if name == "single":
+        from .single import SingleProcessStrategy
+        return SingleProcessStrategy
     raise ValueError(f"unknown strategy {name!r}")
 
 
 def make_strategy(cfg: TrainConfig) -> Strategy:
-    """The strategy ``cfg.strategy``, not yet initialised (call ``init()``)."""
-    return strategy_class(cfg.strategy)(cfg)
+    """The strategy ``cfg.strategy`` with the run's precision, not yet initialised (``init()``)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return strategy_class(cfg.strategy)(cfg, Precision(cfg.optim.precision, device))

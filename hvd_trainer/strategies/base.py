@@ -14,7 +14,6 @@ the job deadlocks.
 """
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence
@@ -23,9 +22,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
+from ..execution import LocalExecutor, LossFn, StepExecutor
 from ..precision import Precision
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -40,6 +38,8 @@ class StepPlan:
 class Trainable(Protocol):
     """What a strategy's :meth:`Strategy.run` drives (the Trainer)."""
 
+    @property
+    def step(self) -> int: ...
     def restore(self, collective: bool = True) -> None: ...
     def loop(self) -> dict[str, Any]: ...
     def resize(self) -> None: ...
@@ -47,8 +47,13 @@ class Trainable(Protocol):
     def load_snapshot(self, snap: dict[str, Any]) -> None: ...
 
 
+REPLICATED = ("horovod", "ddp", "single")  # every rank holds the whole model and optimizer
+
+
 class Strategy(ABC):
-    """Base class: ``Strategy(cfg)``; ``init()`` sets ``rank``/``size``/``local_rank``/``local_size``."""
+    """``Strategy(cfg, precision, executor)``; ``init()`` sets ``rank``/``size``/``local_rank``/
+    ``local_size``. ``precision`` is what every step runs under; ``executor`` runs the local part
+    of a step (forward and backward), the strategy the exchange of gradients."""
 
     name: str = "base"
     rank: int = 0
@@ -57,9 +62,11 @@ class Strategy(ABC):
     local_size: int = 1
     device: torch.device = torch.device("cpu")
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, precision: Optional[Precision] = None,
+                 executor: Optional[StepExecutor] = None) -> None:
         self.cfg = cfg
-        self.precision = Precision()  # the trainer sets optim.precision's once the device is known
+        self.precision = precision or Precision()
+        self.executor = executor or LocalExecutor()
 
     # --- lifecycle (every rank) --------------------------------------------------------------------
     @abstractmethod
@@ -76,15 +83,20 @@ class Strategy(ABC):
         Every rank calls it once, after ``check``."""
         return None
 
+    def start(self) -> None:
+        """Training ranks, once, after they agree on the initial (or resumed) state and before
+        the first step: where ranks with another duty are told to begin (collective)."""
+
     def shutdown(self, reason: Optional[str] = None) -> None:
         """Tear communication down (every rank, once). ``reason``: why training did not run (a
         config error every training rank raised), for ranks that wait on the training ranks."""
 
     # --- driving the loop (training ranks) ------------------------------------------------------------
     def run(self, trainer: Trainable) -> dict[str, Any]:
-        """Resume (collective) and run the training loop; returns the summary. Horovod elastic
-        wraps the loop so that it survives ranks leaving and joining."""
+        """Resume (collective), start, and run the training loop; returns the summary. Horovod
+        elastic wraps the loop so that it survives ranks leaving and joining."""
         trainer.restore()
+        self.start()
         return trainer.loop()
 
     def step_done(self, step: int, epoch_end: bool = False) -> None:
@@ -121,30 +133,30 @@ class Strategy(ABC):
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                    loss_fn: LossFn, grad_clip: float) -> torch.Tensor:
-        """One optimizer step over ``micro_batches`` (collective). Each micro-batch's loss is
-        weighted by its share of the samples, so k micro-batches of b equal one batch of k*b.
-        Returns the local mean loss, detached."""
+        """One optimizer step over ``micro_batches`` (collective): the executor's forward and
+        backward, then this strategy's exchange and update. Returns the local mean loss."""
 
     # --- state (collective) ----------------------------------------------------------------------------
     @abstractmethod
-    def broadcast_parameters(self, model: nn.Module) -> None:
-        """Make parameters and buffers equal to rank 0's."""
+    def broadcast_parameters(self, model: nn.Module, root_rank: int = 0) -> None:
+        """Make parameters and buffers equal to ``root_rank``'s."""
 
     @abstractmethod
-    def broadcast_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make the optimizer state equal to rank 0's (a fresh optimizer has none: no-op)."""
+    def broadcast_optimizer_state(self, optimizer: torch.optim.Optimizer, root_rank: int = 0) -> None:
+        """Make the optimizer state equal to ``root_rank``'s (a fresh optimizer has none: no-op)."""
 
     @abstractmethod
-    def broadcast_buffers(self, model: nn.Module) -> None:
-        """Copy rank 0's buffers (BatchNorm statistics) to every training rank."""
+    def broadcast_buffers(self, model: nn.Module, root_rank: int = 0) -> None:
+        """Copy ``root_rank``'s buffers (BatchNorm statistics) to every training rank."""
 
-    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The ``model`` and ``optimizer`` entries of a checkpoint (collective)."""
         return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
 
-    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict[str, Any]) -> None:
-        """Load what :meth:`state_dict` wrote (every training rank, the same payload). Raises
-        :class:`ConfigError` when it does not fit this run's model or strategy."""
+    def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                              payload: dict[str, Any]) -> None:
+        """Load what :meth:`checkpoint_state` wrote (every training rank, the same payload).
+        Raises :class:`ConfigError` when it does not fit this run's model or strategy."""
         try:
             unwrap(model).load_state_dict(payload["model"])
             optimizer.load_state_dict(payload["optimizer"])
@@ -152,10 +164,20 @@ class Strategy(ABC):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"checkpoint: written for another model or optimizer ({first})") from None
 
+    def check_checkpoint(self, strategy: str, world_size: int) -> int:
+        """A checkpoint written by ``strategy`` on ``world_size`` ranks: raise ConfigError when
+        this strategy cannot resume it; else the training ranks that wrote it. Checkpoints of
+        the strategies that keep a whole optimizer on every rank are interchangeable."""
+        if strategy not in REPLICATED:
+            raise ConfigError(f"checkpoint: written by strategy={strategy}, this run is "
+                              f"strategy={self.name}: set checkpoint.resume=never or another run_dir")
+        return world_size
+
     # --- small collectives (training ranks) ------------------------------------------------------------
     @abstractmethod
-    def allreduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """``op`` ("sum" or "average") of ``tensor`` over the training ranks; a new tensor."""
+    def allreduce(self, tensor: torch.Tensor, op: str = "average") -> torch.Tensor:
+        """``op`` ("average", Horovod's default, or "sum") of ``tensor`` over the training
+        ranks; a new tensor."""
 
     @abstractmethod
     def allgather_object(self, obj: Any) -> list[Any]:
@@ -164,6 +186,10 @@ class Strategy(ABC):
     @abstractmethod
     def broadcast_object(self, obj: Any, root_rank: int = 0) -> Any:
         """``root_rank``'s ``obj`` (picklable) on every training rank; the others pass anything."""
+
+    def barrier(self) -> None:
+        """Return once every training rank has called it."""
+        self.allreduce(torch.zeros(1), op="sum")
 
     # --- reporting ---------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -215,29 +241,14 @@ def average_op(op: str) -> bool:
     return op == "average"
 
 
-def mean_loss_step(model: nn.Module, micro_batches, loss_fn: LossFn,
-                   before_backward: Callable[[int], Any] = lambda i: None,
-                   precision: Optional[Precision] = None) -> torch.Tensor:
-    """Forward and backward over the micro-batches, each loss weighted by its share of the
-    samples (1/k for equal sizes), so k micro-batches give the gradient of one k*b batch even
-    when the last one is short. Returns the mean loss over the samples, detached.
-
-    ``before_backward(i)`` may return a context manager (DDP's ``no_sync``) for micro-batch i.
-    ``precision``: forward and loss under its autocast, backward of the (fp16: scaled) loss.
-    """
-    precision = precision or Precision()
-    total_n = sum(len(y) for _, y in micro_batches)
-    total = torch.zeros(())
-    for i, (x, y) in enumerate(micro_batches):
-        ctx = before_backward(i) or contextlib.nullcontext()
-        with ctx:
-            with precision.autocast():
-                loss = loss_fn(model(x), y).float() * (len(y) / total_n)
-            precision.backward(loss)
-        total += loss.detach()
-    return total
-
-
 def threads_per_rank(requested: int, local_size: int) -> int:
-    from ..launch_env import usable_cores
-    return requested if requested > 0 else max(1, usable_cores() // max(1, local_size))
+    """``runtime.threads``, else ``HVD_TRAINER_THREADS`` where ``hvd-launch`` set it (testbed
+    hosts that share one machine's cores), else this host's usable cores shared among its ranks."""
+    import os
+
+    from ..runtime.launch_env import usable_cores
+    if requested > 0:
+        return requested
+    if os.environ.get("HVD_TRAINER_THREADS", "").isdigit() and int(os.environ["HVD_TRAINER_THREADS"]) > 0:
+        return int(os.environ["HVD_TRAINER_THREADS"])
+    return max(1, usable_cores() // max(1, local_size))

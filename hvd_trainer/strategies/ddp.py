@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import syncbn
 from ..config import DDPConfig, TrainConfig
-from .base import StepPlan, Strategy, average_op, checked_update, mean_loss_step, threads_per_rank, unwrap
+from .base import StepPlan, Strategy, average_op, checked_update, threads_per_rank, unwrap
 
 
 def _free_port(host: str) -> int:
@@ -60,8 +60,8 @@ def _collective_timeout(peer_timeout_s: float) -> timedelta:
 class DDPStrategy(Strategy):
     name = "ddp"
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: TrainConfig, precision=None, executor=None) -> None:
+        super().__init__(cfg, precision, executor)
         self.dcfg = cfg.ddp
 
     def init(self) -> None:
@@ -99,26 +99,29 @@ class DDPStrategy(Strategy):
         optimizer.zero_grad()
         last = len(micro_batches) - 1
         # Only the last micro-batch's backward allreduces; the others accumulate locally.
-        loss = mean_loss_step(model, micro_batches, loss_fn,
-                              lambda i: model.no_sync() if i < last else None, self.precision)
+        loss = self.executor.forward_backward(model, micro_batches, loss_fn, self.precision,
+                                              lambda i: model.no_sync() if i < last else None)
         # after backward, every rank holds the average (fp16: unscaled, then checked)
         checked_update(model, optimizer, grad_clip, self.precision)
         return loss
 
-    def broadcast_parameters(self, model) -> None:
+    def broadcast_parameters(self, model, root_rank: int = 0) -> None:
         module = unwrap(model)
         for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
+            dist.broadcast(t.data, src=root_rank)
 
-    def broadcast_optimizer_state(self, optimizer) -> None:
+    def broadcast_optimizer_state(self, optimizer, root_rank: int = 0) -> None:
         if optimizer.state_dict()["state"]:  # every rank agrees (see HorovodStrategy)
-            optimizer.load_state_dict(self.broadcast_object(optimizer.state_dict()))
+            optimizer.load_state_dict(self.broadcast_object(optimizer.state_dict(), root_rank))
 
-    def broadcast_buffers(self, model: nn.Module) -> None:
+    def broadcast_buffers(self, model: nn.Module, root_rank: int = 0) -> None:
         for b in unwrap(model).buffers():
-            dist.broadcast(b.data, src=0)
+            dist.broadcast(b.data, src=root_rank)
 
-    def allreduce(self, tensor, op: str = "sum"):
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def allreduce(self, tensor, op: str = "average"):
         out = tensor.clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out / self.size if average_op(op) else out
@@ -134,5 +137,5 @@ class DDPStrategy(Strategy):
         return box[0]
 
     def settings(self) -> dict[str, Any]:
-        return {"backend": "gloo", "bucket_cap_mb": self.dcfg.bucket_cap_mb,
+        return {"backend": dist.get_backend(), "bucket_cap_mb": self.dcfg.bucket_cap_mb,
                 "threads_per_rank": torch.get_num_threads()}

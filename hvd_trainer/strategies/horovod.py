@@ -11,7 +11,6 @@ import functools
 import importlib.util
 import mmap
 import os
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -20,17 +19,14 @@ from torch import nn
 
 from .. import syncbn
 from ..config import ConfigError, HorovodConfig, TrainConfig
-from ..launch_env import apply_mpi_defaults, apply_torch_defaults
-from .base import LossFn, NonFiniteGradient, StepPlan, Strategy, average_op, checked_update, mean_loss_step, threads_per_rank, unwrap
+from ..runtime.launch_env import apply_mpi_defaults, apply_torch_defaults
+from ..execution import LossFn
+from .base import NonFiniteGradient, StepPlan, Strategy, average_op, checked_update, threads_per_rank, unwrap
 
-# Measured here (hvd-bench, README "Speed"): with one core per rank, Horovod's background thread
-# waits inside MPI; with MPI yielding when idle (launch_env.MPI_RUNTIME_DEFAULTS), a 2 ms
-# negotiation cycle (stock: 1 ms) closed the gap to DDP on a stock build. With the patched build
-# (scripts/horovod-wake-on-wait.patch) waiting for a result starts a cycle at once, so the cycle
-# no longer delays the exchange after backward, only how often the ranks negotiate while it
-# runs: on CPU a 50 ms cycle gave 0.97x the limit against 0.95x at 2 ms (fewer wake-ups
-# competing with backward for the core). On GPUs the exchange overlaps backward on other
-# hardware, so a short cycle stays (not measured here). A value in the environment wins.
+# With the patched build (scripts/horovod-wake-on-wait.patch) a wait for a result starts a
+# cycle at once, so on CPU the cycle only sets how often idle negotiation wakes up and competes
+# with backward for the core: a long one is cheaper there. Without the patch, or on GPUs, the
+# cycle delays every exchange, so the short one stays. A value in the environment wins.
 DEFAULT_CYCLE_TIME_MS = 2.0
 WAKE_CYCLE_TIME_MS = 50.0
 _WAKE_SYMBOL = b"WakeBackgroundLoop"  # exported by the patched build only
@@ -42,26 +38,6 @@ _KNOBS = {  # config field -> (environment variable, converter to the env value)
     "timeline": ("HOROVOD_TIMELINE", lambda v: str(v)),
     "wake_on_wait": ("HOROVOD_WAKE_ON_WAIT", lambda v: str(int(v))),
 }
-
-
-def wait_for(hvd, handles: Sequence[int], poll_s: float = 100e-6) -> None:
-    """Sleep until Horovod reports every handle done (``hvd.synchronize`` then returns at once).
-
-    ``hvd.synchronize`` waits in a ``std::this_thread::yield()`` loop. With one core per rank
-    that core is shared by the waiting thread and Horovod's background thread, which runs the
-    allreduce being waited for; a yielding thread stays runnable and keeps taking its share of
-    the core. Sleeping hands the whole core to the allreduce.
-
-    ``poll_s`` 0 (``horovod.wait_poll_us`` 0, the default): return at once and leave the wait to
-    ``hvd.synchronize``, which with the patched build sleeps on a condition variable. A poll loop
-    of ``time.sleep(0)`` would stay runnable beside the allreduce it waits for."""
-    if poll_s <= 0:
-        return
-    pending = [h for h in handles if isinstance(h, int)]  # None: not fired; a callable: sparse
-    while pending:
-        pending = [h for h in pending if not hvd.poll(h)]
-        if pending:
-            time.sleep(poll_s)
 
 
 @functools.lru_cache(maxsize=1)
@@ -109,8 +85,8 @@ def apply_stall_env(peer_timeout_s: float, environ: Optional[dict] = None) -> di
 class HorovodStrategy(Strategy):
     name = "horovod"
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: TrainConfig, precision=None, executor=None) -> None:
+        super().__init__(cfg, precision, executor)
         self.hcfg = cfg.horovod
         self._env: dict[str, Any] = {}
         self.hvd = None
@@ -119,6 +95,12 @@ class HorovodStrategy(Strategy):
     def check(cls, cfg: TrainConfig, world_size: int) -> None:
         if cfg.horovod.op == "adasum" and world_size & (world_size - 1):
             raise ConfigError(f"horovod.op: adasum needs a power-of-two number of ranks, got {world_size}")
+        # Adasum reduces each rank's update inside step(): no averaged gradient to clip or check
+        if cfg.horovod.op == "adasum" and cfg.optim.grad_clip > 0:
+            raise ConfigError("optim.grad_clip: not supported with horovod.op=adasum (each rank's "
+                              "update is reduced inside the step)")
+        if cfg.horovod.op == "adasum" and cfg.optim.nonfinite == "skip":
+            raise ConfigError("optim.nonfinite: skip is not supported with horovod.op=adasum: use stop")
 
     def init(self) -> None:
         self._env = apply_horovod_env(self.hcfg, cpu=not torch.cuda.is_available())
@@ -160,7 +142,7 @@ class HorovodStrategy(Strategy):
 
     def train_step(self, model, optimizer, micro_batches: Sequence, loss_fn: LossFn, grad_clip: float):
         optimizer.zero_grad()
-        loss = mean_loss_step(model, micro_batches, loss_fn, precision=self.precision)
+        loss = self.executor.forward_backward(model, micro_batches, loss_fn, self.precision)
         if self.hcfg.op == "adasum":
             # Adasum reduces each rank's local update inside step(): nothing to check before it,
             # but the parameters after it are the same on every rank
@@ -171,28 +153,30 @@ class HorovodStrategy(Strategy):
             return loss
         # Check and clip the *averaged* gradient (fp16: unscaled first): wait for the allreduce,
         # then step without a second allreduce.
-        wait_for(self.hvd, [h for h, _ in optimizer._handles.values()], self.hcfg.wait_poll_us * 1e-6)
         optimizer.synchronize()
         with optimizer.skip_synchronize():
             checked_update(model, optimizer, grad_clip, self.precision)
         return loss
 
-    def broadcast_parameters(self, model) -> None:
-        self.hvd.broadcast_parameters(unwrap(model).state_dict(), root_rank=0)
+    def broadcast_parameters(self, model, root_rank: int = 0) -> None:
+        self.hvd.broadcast_parameters(unwrap(model).state_dict(), root_rank=root_rank)
 
-    def broadcast_optimizer_state(self, optimizer) -> None:
+    def broadcast_optimizer_state(self, optimizer, root_rank: int = 0) -> None:
         # A fresh optimizer has no state on any rank, and Horovod would create it with a
         # zero-gradient step (advancing Adam's step count, applying weight decay): skip it then.
         # (Every rank agrees: after a resume all have state, before one none has.)
         if optimizer.state_dict()["state"]:
-            self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+            self.hvd.broadcast_optimizer_state(optimizer, root_rank=root_rank)
 
-    def broadcast_buffers(self, model: nn.Module) -> None:
+    def broadcast_buffers(self, model: nn.Module, root_rank: int = 0) -> None:
         buffers = dict(unwrap(model).named_buffers())
         if buffers and self.size > 1:
-            self.hvd.broadcast_parameters(buffers, root_rank=0)
+            self.hvd.broadcast_parameters(buffers, root_rank=root_rank)
 
-    def allreduce(self, tensor, op: str = "sum"):
+    def barrier(self) -> None:
+        self.hvd.barrier()
+
+    def allreduce(self, tensor, op: str = "average"):
         hvd = self.hvd
         return hvd.allreduce(tensor, op=hvd.Average if average_op(op) else hvd.Sum)
 
@@ -207,7 +191,6 @@ class HorovodStrategy(Strategy):
     def settings(self) -> dict[str, Any]:
         out = dict(self._env)
         out.update(op=self.hcfg.op, compression=self.hcfg.compression, groups=self.hcfg.groups,
-                   wait_poll_us=self.hcfg.wait_poll_us,
                    gradient_predivide_factor=self.hcfg.gradient_predivide_factor,
                    controller="mpi" if self.hvd.mpi_enabled() and not os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR") else "gloo",
                    threads_per_rank=torch.get_num_threads())

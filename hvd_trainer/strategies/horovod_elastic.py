@@ -28,8 +28,8 @@ from .horovod import HorovodStrategy
 class ElasticHorovodStrategy(HorovodStrategy):
     name = "horovod"
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg, precision=None, executor=None) -> None:
+        super().__init__(cfg, precision, executor)
         self.every = cfg.horovod.elastic_commit_steps
         self.membership: list[dict[str, int]] = []
         self._state = None
@@ -37,8 +37,8 @@ class ElasticHorovodStrategy(HorovodStrategy):
     def run(self, trainer: Trainable) -> dict[str, Any]:
         hvd = self.hvd
         trainer.restore(collective=False)
-        self._state = TrainerState(hvd, trainer, self)
-        self.membership.append({"step": trainer.state.step, "workers": self.size})
+        self._state = ElasticState(hvd, trainer, self)
+        self.membership.append({"step": trainer.step, "workers": self.size})
         return hvd.elastic.run(lambda state: trainer.loop())(self._state)
 
     def step_done(self, step: int, epoch_end: bool = False) -> None:
@@ -54,7 +54,7 @@ class ElasticHorovodStrategy(HorovodStrategy):
         return {"membership": self.membership, "elastic_commit_steps": self.every}
 
 
-class TrainerState(State):
+class ElasticState(State):
     """Horovod elastic's state object over the trainer: what a commit keeps, a rollback restores
     and a sync broadcasts."""
 
@@ -77,5 +77,5 @@ class TrainerState(State):
         self.trainer.load_snapshot(self.saved)
 
     def reset(self) -> None:  # communication restarted with the ranks there are now
-        self.strategy.after_reset(self.trainer.state.step)
+        self.strategy.after_reset(self.trainer.step)
         self.trainer.resize()

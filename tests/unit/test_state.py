@@ -6,23 +6,7 @@ from hvd_trainer.checkpoint import SCHEMA, Checkpointer, load, validate
 from hvd_trainer.config import load_config
 from hvd_trainer.schedule import build_optimizer, build_scheduler
 from hvd_trainer.state import TrainState
-from hvd_trainer.strategies.base import Strategy
-
-
-class OneProcess(Strategy):
-    """The interface with a world of one: every collective is the identity."""
-
-    name = "one"
-
-    def init(self): pass
-    def prepare(self, model, optimizer, plan): return model, optimizer
-    def train_step(self, model, optimizer, micro_batches, loss_fn, grad_clip): raise NotImplementedError
-    def broadcast_parameters(self, model): pass
-    def broadcast_optimizer_state(self, optimizer): pass
-    def broadcast_buffers(self, model): pass
-    def allreduce(self, tensor, op="sum"): return tensor.clone()
-    def allgather_object(self, obj): return [obj]
-    def broadcast_object(self, obj, root_rank=0): return obj
+from hvd_trainer.strategies.single import SingleProcessStrategy
 
 
 def _state(seed):
@@ -31,7 +15,7 @@ def _state(seed):
     model = nn.Linear(4, 3)
     opt = build_optimizer(model.parameters(), cfg.optim, 1)
     sched = build_scheduler(opt, cfg.optim, 1, steps_per_epoch=5, epochs=2)
-    return TrainState(model, opt, sched, OneProcess(cfg), cfg.to_dict())
+    return TrainState(model, opt, sched, SingleProcessStrategy(cfg), cfg.to_dict())
 
 
 def test_state_dict_is_the_checkpoint_schema_and_round_trips(tmp_path):
@@ -72,5 +56,5 @@ def test_a_parameter_server_checkpoint_is_refused_by_another_strategy(tmp_path):
     from hvd_trainer.config import ConfigError
 
     payload = {**_state(0).state_dict(), "strategy": "ps"}
-    with pytest.raises(ConfigError, match="written by strategy=ps, this run is strategy=one"):
+    with pytest.raises(ConfigError, match="written by strategy=ps, this run is strategy=single"):
         _state(0).load_state_dict(payload)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import time
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -31,7 +30,7 @@ from torch import nn
 from ...checkpoint import torch_load_bytes
 from ...config import ConfigError, TrainConfig
 from ...schedule import lr_factor
-from ..base import NonFiniteGradient, StepPlan, Strategy, average_op, mean_loss_step, threads_per_rank, unwrap
+from ..base import NonFiniteGradient, StepPlan, Strategy, average_op, threads_per_rank, unwrap
 from .rules import make_rule
 from .server import Link, ShardServer
 from .wire import CTRL_CHECKPOINT, CTRL_COUNTERS, CTRL_DONE, CTRL_IDLE, TAG_CTRL, TAG_DATA, TAG_STATE, Waiter, partition
@@ -40,8 +39,8 @@ from .wire import CTRL_CHECKPOINT, CTRL_COUNTERS, CTRL_DONE, CTRL_IDLE, TAG_CTRL
 class ParameterServerStrategy(Strategy):
     name = "ps"
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: TrainConfig, precision=None, executor=None) -> None:
+        super().__init__(cfg, precision, executor)
         self.pcfg = cfg.ps
         self.start_step = 0
         self.server_states: Optional[list] = None  # from a checkpoint, for worker 0 to hand out
@@ -60,8 +59,16 @@ class ParameterServerStrategy(Strategy):
             raise ConfigError(f"ps.backup_workers: must be < number of workers ({workers}), got {ps.backup_workers}")
         if ps.backup_workers and ps.mode != "sync":
             raise ConfigError("ps.backup_workers: only with ps.mode=sync")
-        if ps.straggler_rank >= world_size:
-            raise ConfigError(f"ps.straggler_rank: must be < world size {world_size}, got {ps.straggler_rank}")
+        # the servers apply each gradient as it comes, and the averaged gradient exists only in
+        # shards on the servers: no skipping, clipping or unscaling it on a worker
+        if cfg.optim.nonfinite == "skip":
+            raise ConfigError("optim.nonfinite: skip is not supported with strategy=ps; use stop")
+        if cfg.optim.grad_clip > 0:
+            raise ConfigError("optim.grad_clip: not supported with strategy=ps (the averaged gradient "
+                              "exists only in shards on the servers)")
+        if cfg.optim.precision == "fp16":
+            raise ConfigError("optim.precision: fp16 is not supported with strategy=ps (the servers "
+                              "would have to unscale); use bf16")
 
     # --- roles -------------------------------------------------------------------------------------
     def init(self) -> None:
@@ -164,7 +171,7 @@ class ParameterServerStrategy(Strategy):
     def train_step(self, model, optimizer, micro_batches, loss_fn, grad_clip):
         for p in self.params:
             p.grad = None
-        loss = mean_loss_step(model, micro_batches, loss_fn, precision=self.precision)  # fp32 or bf16
+        loss = self.executor.forward_backward(model, micro_batches, loss_fn, self.precision)  # fp32 or bf16
         if not bool(torch.isfinite(loss)):  # this worker's own verdict: never push it
             raise NonFiniteGradient(f"loss {float(loss)}")
         torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
@@ -174,8 +181,6 @@ class ParameterServerStrategy(Strategy):
         # The servers step the parameters; this no-op step (no gradients) keeps the workers'
         # optimizer and lr scheduler in their usual order (the lr is reported from it).
         optimizer.step()
-        if self.rank == self.pcfg.straggler_rank and self.pcfg.straggler_ms > 0:
-            time.sleep(self.pcfg.straggler_ms / 1000.0)
         MPI = self.MPI
         self.steps_done += 1
         self.idle = False
@@ -194,21 +199,33 @@ class ParameterServerStrategy(Strategy):
         return loss
 
     # --- state (workers) -----------------------------------------------------------------------------
-    def broadcast_parameters(self, model) -> None:
-        self._collective(self.workers_comm.Ibcast([self.flat_np, self.MPI.FLOAT], root=0))
-        self.broadcast_buffers(model)
+    def broadcast_parameters(self, model, root_rank: int = 0) -> None:
+        self._collective(self.workers_comm.Ibcast([self.flat_np, self.MPI.FLOAT], root=root_rank))
+        self.broadcast_buffers(model, root_rank)
 
-    def broadcast_optimizer_state(self, optimizer) -> None:
-        """The workers' optimizer never steps; worker 0 starts the servers with theirs."""
+    def broadcast_optimizer_state(self, optimizer, root_rank: int = 0) -> None:
+        """The workers' optimizer never steps (the servers hold the real one): nothing to do."""
+
+    def broadcast_buffers(self, model: nn.Module, root_rank: int = 0) -> None:
+        for b in unwrap(model).buffers():
+            self._collective(self.workers_comm.Ibcast(b.numpy(), root=root_rank))
+
+    def start(self) -> None:
+        """Worker 0 starts the servers with the state the workers agreed on."""
         if self.rank == 0:
             self._send_start()
         self.started = True
 
-    def broadcast_buffers(self, model: nn.Module) -> None:
-        for b in unwrap(model).buffers():
-            self._collective(self.workers_comm.Ibcast(b.numpy(), root=0))
+    def barrier(self) -> None:
+        self._collective(self.workers_comm.Ibarrier())
 
-    def state_dict(self, model, optimizer) -> dict[str, Any]:
+    def check_checkpoint(self, strategy: str, world_size: int) -> int:
+        if strategy != self.name:
+            raise ConfigError(f"checkpoint: written by strategy={strategy}, this run is "
+                              f"strategy={self.name}: set checkpoint.resume=never or another run_dir")
+        return world_size - self.pcfg.num_servers  # the same server count (load_checkpoint_state checks)
+
+    def checkpoint_state(self, model, optimizer) -> dict[str, Any]:
         """Worker 0 gathers every server's optimizer state (the parameters it holds itself)."""
         states = []
         if self.rank == 0:
@@ -218,7 +235,7 @@ class ParameterServerStrategy(Strategy):
         return {"model": unwrap(model).state_dict(),
                 "optimizer": {"ps_servers": states, "bounds": [list(b) for b in self.bounds]}}
 
-    def load_state_dict(self, model, optimizer, payload) -> None:
+    def load_checkpoint_state(self, model, optimizer, payload) -> None:
         opt = payload["optimizer"]
         if "ps_servers" not in opt or len(opt["ps_servers"]) != self.pcfg.num_servers:
             raise ConfigError(f"ps.num_servers: the checkpoint was written by a different strategy or "
@@ -246,7 +263,7 @@ class ParameterServerStrategy(Strategy):
         msg = np.array([kind, arg], dtype=np.int64)
         self.waiter.wait_all([self.ctrl_comm.Isend(msg, dest=server, tag=TAG_CTRL)], [server])
 
-    def allreduce(self, tensor, op: str = "sum"):
+    def allreduce(self, tensor, op: str = "average"):
         out = tensor.clone()
         self._collective(self.workers_comm.Iallreduce(self.MPI.IN_PLACE, out.numpy(), op=self.MPI.SUM))
         return out / self.dp_size if average_op(op) else out
@@ -271,7 +288,7 @@ class ParameterServerStrategy(Strategy):
     # --- reporting and the end -------------------------------------------------------------------------
     def counters(self) -> dict[str, Any]:
         """Workers wait for each other (the servers' counts are final then); worker 0 collects."""
-        self._collective(self.workers_comm.Ibarrier())
+        self.barrier()
         if self.rank != 0:
             return {}
         total: dict[str, Any] = {"workers": self.dp_size, "servers": self.pcfg.num_servers,
