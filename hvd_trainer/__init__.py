@@ -8,7 +8,7 @@ Python API::
 
 Run it under ``mpirun -np N python my_script.py`` like the CLI; every rank calls ``train``.
 """
-from .launch_env import apply_torch_defaults
+from .runtime.launch_env import apply_torch_defaults
 
 apply_torch_defaults()  # before anything imports torch (the allocator reads it once)
 
@@ -18,7 +18,10 @@ __all__ = ["ConfigError", "TrainConfig", "load_config", "replace", "train", "Tra
 
 
 def __getattr__(name):  # keep `import hvd_trainer` light: torch is imported on first use
-    if name in ("train", "Trainer"):
-        from . import trainer
-        return getattr(trainer, name)
+    if name == "train":
+        from .runner import train
+        return train
+    if name == "Trainer":
+        from .trainer import Trainer
+        return Trainer
     raise AttributeError(name)

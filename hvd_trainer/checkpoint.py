@@ -1,4 +1,4 @@
-"""Atomic, weights-only checkpoints in ``run_dir/checkpoints``, and what one must hold.
+"""Atomic, checksummed checkpoints in ``run_dir/checkpoints``, and what one must hold.
 
 Write: serialize to memory, write a temp file in the same directory, fsync, rename over the
 final name, fsync the directory; then prune to the newest ``keep``. A crash at any point leaves
@@ -6,7 +6,8 @@ either the old set or the new file complete, never a torn file under a final nam
 Every file starts with a one-line header carrying the SHA-256 of what follows, so flipped or
 truncated bytes are found before anything is loaded (a corrupt tensor would otherwise load
 and train on in silence).
-Read: ``torch.load(weights_only=True)`` only (no arbitrary unpickling). A file whose checksum does
+Read: ``torch.load(weights_only=True)`` only (tensors and plain containers, no arbitrary
+unpickling). A file whose checksum does
 not match, that fails to load or does not match :data:`SCHEMA` is skipped in favour of the next newest, and the skip is
 reported with the file and the reason; when files exist but none is usable the caller is told,
 so a damaged run never restarts from step 0 in silence.
@@ -167,5 +168,5 @@ class Checkpointer:
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Checksum-verified, weights-only load of one checkpoint file."""
+    """Checksum-verified, safe (``weights_only=True``) load of one checkpoint file."""
     return torch_load_bytes(unseal(Path(path).read_bytes()))

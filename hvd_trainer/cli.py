@@ -7,36 +7,21 @@
 
 A bad config prints one line naming the key and exits 2 on every rank, before any collective.
 Any other failure on one rank prints its traceback and brings the whole job down (see
-:func:`hvd_trainer.trainer.train`), so no rank waits forever for a dead peer.
+:func:`hvd_trainer.runner.train`), so no rank waits forever for a dead peer.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, load_config
-from .errors import NonFiniteError
-from .launch_env import launcher_rank
-
-BUILTIN = Path(__file__).with_name("configs")
-
+from .config import BUILTIN, ConfigError, load_config
+from .runtime.errors import NonFiniteError
+from .runtime.launch_env import launcher_rank
 
 def builtin_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN.glob("*.yaml"))
-
-
-def resolve_config(name: str) -> Path:
-    path = Path(name)
-    if path.is_file():
-        return path
-    builtin = BUILTIN / f"{name}.yaml"
-    if builtin.is_file():
-        return builtin
-    raise ConfigError(f"config: no file {name!r} and no built-in config of that name "
-                      f"(built-in: {', '.join(builtin_names())})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -47,8 +32,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     rank = launcher_rank()
     try:
-        cfg = load_config(resolve_config(args.config), args.overrides)
-        from .trainer import train  # heavy imports only once the config is known good
+        cfg = load_config(args.config, args.overrides)
+        from .runner import train  # heavy imports only once the config is known good
 
         train(cfg)
     except NonFiniteError as err:  # a single process; under a launcher train() ends the job
