@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from hvd_trainer.cli import BUILTIN
 from hvd_trainer.config import ConfigError, TrainConfig, load_config, replace
@@ -10,8 +11,27 @@ def check_world(cfg, world_size):
 
 
 def test_builtin_configs_load():
-    for path in BUILTIN.glob("*.yaml"):
+    paths = sorted(BUILTIN.glob("*.yaml"))
+    assert "digits.yaml" in [p.name for p in paths], BUILTIN  # the loop below checks something
+    for path in paths:
         assert isinstance(load_config(path), TrainConfig)
+
+
+def test_load_config_takes_a_builtin_name_as_hvd_train_does(tmp_path, monkeypatch, capsys):
+    by_name = load_config("digits", ["epochs=3"])
+    assert by_name == load_config(BUILTIN / "digits.yaml", ["epochs=3"])
+    assert by_name.epochs == 3 and by_name.model.hidden == [128, 64]  # digits.yaml's, not the defaults
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").write_text("epochs: 7\n")  # a file of that name wins, as in the CLI
+    assert load_config("digits").epochs == 7
+    with pytest.raises(ConfigError, match=r"^config: no file 'nope' and no built-in config of that name \(built-in: .*digits"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="config: no file"):
+        load_config(tmp_path / "sub" / "digits")  # a path is a path: no built-in lookup
+    from hvd_trainer.cli import main  # hvd-train resolves names through load_config too
+
+    assert main(["nope"]) == 2
+    assert "hvd-train: config error: config: no file 'nope' and no built-in config" in capsys.readouterr().err
 
 
 def test_overrides_reach_nested_keys_and_parse_yaml_scalars():
@@ -43,8 +63,11 @@ def test_errors_name_the_key(override, message):
 
 def test_configs_are_frozen():
     cfg = load_config(None)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.epochs = 4
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.optim.lr = 1.0
+    assert cfg.epochs == load_config(None).epochs and cfg.optim.lr == load_config(None).optim.lr
 
 
 def test_world_checks():

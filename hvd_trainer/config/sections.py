@@ -1,22 +1,13 @@
-"""Typed configuration: one small frozen model per component, composed by :class:`TrainConfig`.
-
-A config is a YAML file plus ``KEY=VALUE`` overrides (dotted keys for nested sections, values
-parsed as YAML scalars). Unknown keys, wrong types and out-of-range values raise
-:class:`ConfigError`, whose message names the key; the CLI prints it on one line and exits 2.
-Validation is pure (no communication), so every rank reaches the same verdict before any
-collective is entered.
-"""
+"""The config's sections: one small frozen model per component, composed by :class:`TrainConfig`.
+Each field's docstring is its documentation (docs/config-reference.md is generated from them)."""
 from __future__ import annotations
 
 import glob
 import math
-import os
-import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -76,7 +67,7 @@ class DataConfig(_Section):
     """How loader workers start. ``forkserver`` (default): forked from a clean helper process
     that has torch loaded; needs a picklable data set (one that is not falls back to fork, with
     a warning). ``fork``: copies the rank after MPI and Horovod have started threads, which can
-    leave a worker stuck on a lock for good (seen here: a hung job). ``spawn``: a fresh
+    leave a worker stuck on a lock for good. ``spawn``: a fresh
     interpreter per worker."""
     uneven_shards: Literal["pad", "truncate"] = "pad"
     """For ``shards``: ranks whose shards hold fewer samples than the largest rank's repeat some
@@ -89,6 +80,10 @@ class DataConfig(_Section):
     """For ``images``: resize every image to [height, width] (default: they must agree)."""
     image_mode: Literal["RGB", "L"] = "RGB"
     """For ``images``: decode to 3-channel colour or 1-channel grey."""
+    bad_samples: Literal["error", "skip"] = "error"
+    """For ``images``: a file that cannot be decoded (corrupt, truncated, gone) stops the job with
+    one line naming it (``error``), or is left out of its batch, counted and listed in the
+    summary (``skip``)."""
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     """Held-out share when the data set has no test split of its own."""
     synthetic_samples: int = Field(2048, ge=2)
@@ -196,7 +191,7 @@ class HorovodConfig(_Section):
     fusion_threshold_mb: Optional[float] = Field(None, ge=0.0, le=65536.0)
     """HOROVOD_FUSION_THRESHOLD in MiB (None: Horovod's default, 64)."""
     cycle_time_ms: Optional[float] = Field(None, gt=0.0, le=60000.0)
-    """HOROVOD_CYCLE_TIME in ms (None: the trainer's measured default, see README)."""
+    """HOROVOD_CYCLE_TIME in ms (None: 50 with the patched build on CPU, else 2)."""
     cache_capacity: Optional[int] = Field(None, ge=0, le=1_000_000)
     """HOROVOD_CACHE_CAPACITY (None: Horovod's default, 1024)."""
     timeline: Optional[str] = None
@@ -209,11 +204,6 @@ class HorovodConfig(_Section):
     """HOROVOD_WAKE_ON_WAIT: waiting for an unfinished allreduce wakes Horovod's background
     thread instead of sleeping out its cycle; gradients enqueued during backward still fuse
     (needs the patched build of scripts/install.sh; stock Horovod ignores it)."""
-    wait_poll_us: float = Field(0.0, ge=0.0, le=1_000_000.0)
-    """After backward, wait for the allreduces by polling with sleeps of this length
-    (strategies/horovod.py ``wait_for``). 0: Horovod's own wait, which with the patched build
-    sleeps until the result is there, and in stock Horovod yields in a loop on the core; a
-    polling wait measured no faster with the patched build, and helps only a stock one."""
     elastic_commit_steps: int = Field(20, ge=1)
     """Under Horovod elastic (``horovodrun --min-np/--max-np``): commit the training state in
     memory every N steps and at every epoch end; a lost rank rolls the others back to the last
@@ -236,10 +226,6 @@ class PSConfig(_Section):
     """For ``ssp``: no worker runs more than this many steps ahead of the slowest."""
     backup_workers: int = 0
     """For ``sync``: a step proceeds with the first workers-b gradients; late ones are dropped."""
-    straggler_rank: int = -1
-    """Delay this global rank by ``straggler_ms`` per step (-1: nobody); for experiments."""
-    straggler_ms: float = Field(0.0, ge=0.0)
-    """Delay per step for the straggler."""
     timeout_s: float = Field(60.0, gt=0.0)
     """A peer silent for this long is declared dead: every rank exits non-zero naming it."""
 
@@ -284,9 +270,9 @@ class RuntimeConfig(_Section):
 
 
 class TrainConfig(_Section):
-    strategy: Literal["horovod", "ddp", "ps"] = "horovod"
-    """How gradients are exchanged: Horovod ring-allreduce, torch DDP over gloo, or the
-    mpi4py parameter server."""
+    strategy: Literal["horovod", "ddp", "ps", "single"] = "horovod"
+    """How gradients are exchanged: Horovod ring-allreduce, torch DDP over gloo, the mpi4py
+    parameter server, or ``single``: one process without MPI (no exchange)."""
     seed: int = 0
     """Seeds model init, data order and every rank's RNG."""
     epochs: int = Field(10, ge=1)
@@ -309,23 +295,11 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        # what one strategy cannot run is that strategy's check() (strategies/), run before
+        # any collective; here only what no strategy can
         if self.horovod.op == "adasum" and self.horovod.gradient_predivide_factor != 1.0:
             raise _FieldError("horovod.gradient_predivide_factor", "must be 1.0 with horovod.op=adasum")
-        if self.strategy == "ps" and self.optim.nonfinite == "skip":
-            raise _FieldError("optim.nonfinite", "skip is not supported with strategy=ps (the servers "
-                             "apply each gradient as it comes); use stop")
-        if self.strategy == "ps" and self.optim.grad_clip > 0:
-            raise _FieldError("optim.grad_clip", "not supported with strategy=ps (the averaged gradient "
-                             "exists only in shards on the servers)")
-        if self.strategy == "horovod" and self.horovod.op == "adasum" and self.optim.grad_clip > 0:
-            raise _FieldError("optim.grad_clip", "not supported with horovod.op=adasum (each rank's "
-                             "update is reduced inside the step)")
-        if self.strategy == "horovod" and self.horovod.op == "adasum" and self.optim.nonfinite == "skip":
-            raise _FieldError("optim.nonfinite", "skip is not supported with horovod.op=adasum: use stop")
         if self.optim.precision == "fp16":
-            if self.strategy == "ps":
-                raise _FieldError("optim.precision", "fp16 is not supported with strategy=ps (the "
-                                 "servers would have to unscale); use bf16")
             if self.horovod.op == "adasum":
                 raise _FieldError("optim.precision", "fp16 is not supported with horovod.op=adasum; use bf16")
             if not _cuda_available():
@@ -354,137 +328,3 @@ class _FieldError(ValueError):
         self.key, self.msg = key, msg
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML as a Python or PyTorch user writes it: ``3e-4`` and ``1E6`` are numbers (YAML 1.1
-    wants a dot, and reads them as strings), and a key given twice is an error, not last-wins."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(f"{key}: given twice (line {key_node.start_mark.line + 1}); "
-                                  f"a second block would silently replace the first")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(  # after 1.1's int and float: only what those refuse
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{item}: overrides are KEY=VALUE")
-        try:
-            value = _yaml(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
-        _set_dotted(tree, key.strip(), value)
-    return tree
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _format(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
-    ctx_err = (first.get("ctx") or {}).get("error")
-    if isinstance(ctx_err, _FieldError):
-        return f"{loc + '.' if loc else ''}{ctx_err.key}: {ctx_err.msg}"
-    if first["type"] == "extra_forbidden":
-        return f"{loc}: unknown key"
-    got = first.get("input")
-    got_s = f", got {got!r}" if not isinstance(got, dict) else ""
-    return f"{loc}: {first['msg'].lower()}{got_s}"
-
-
-def from_dict(tree: dict[str, Any]) -> TrainConfig:
-    try:
-        return TrainConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format(err)) from None
-
-
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
-    """Load a YAML file (or only defaults when ``path`` is None) and apply ``KEY=VALUE`` overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config: file not found: {p}")
-        try:
-            loaded = _yaml(p.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"config: {p} is not UTF-8 text (byte {err.start})") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config: {p} is not valid YAML ({str(err).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config: {p} must hold a mapping at the top level")
-        tree = loaded or {}
-    tree = _merge(tree, parse_overrides(overrides or []))
-    return from_dict(tree)
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def first_difference(mine: dict[str, Any], reference: dict[str, Any]) -> Optional[tuple[str, Any, Any]]:
-    """The first dotted key whose value differs: (key, mine, reference's), or None."""
-    a, b = _flatten(mine), _flatten(reference)
-    for key in list(b) + [k for k in a if k not in b]:
-        if a.get(key, "<missing>") != b.get(key, "<missing>"):
-            return key, a.get(key, "<missing>"), b.get(key, "<missing>")
-    return None
-
-
-def check_agreement(views: list[dict[str, Any]], what: str) -> None:
-    """Raise the same one-line :class:`ConfigError` on every rank when any rank's ``what``
-    (``views[r]``, gathered from every rank) differs from rank 0's."""
-    for rank, view in enumerate(views[1:], start=1):
-        diff = first_difference(view, views[0])
-        if diff:
-            key, mine, ref = diff
-            raise ConfigError(f"rank {rank}'s {what} differs from rank 0's: {key} {mine} vs {ref}")
-
-
-def replace(cfg: TrainConfig, **dotted: Any) -> TrainConfig:
-    """A copy of ``cfg`` with dotted keys replaced (``replace(cfg, **{"optim.lr": 0.1})``), validated."""
-    tree = cfg.to_dict()
-    for key, value in dotted.items():
-        _set_dotted(tree, key, value)
-    return from_dict(tree)
