@@ -9,8 +9,7 @@ Paths:
   mpi                  mpi4py ``Allreduce(IN_PLACE)``: the ceiling
   horovod-mpi/stock    ``hvd.allreduce_async_`` + ``hvd.synchronize``, Horovod's and Open MPI's
                        defaults (1 ms cycle, MPI busy-polls)
-  horovod-mpi/trainer  the same op with the trainer's settings and its own wait
-                       (``strategies.horovod.wait_for``): the trainer's gradient path
+  horovod-mpi/trainer  the same op with the trainer's settings: the trainer's gradient path
   horovod-gloo/stock   the stock op under ``horovodrun --gloo`` (Gloo controller and ops)
   horovod-gloo/trainer the trainer's path under ``horovodrun --gloo``
   torch-gloo           ``torch.distributed.all_reduce`` over gloo (what DDP uses)
@@ -34,7 +33,7 @@ NP = 2
 def _settings(trainer: bool) -> dict[str, str]:
     """The environment the trainer's defaults produce, or Horovod 0.28.1's and Open MPI's own."""
     from hvd_trainer.config import HorovodConfig
-    from hvd_trainer.launch_env import apply_torch_defaults
+    from hvd_trainer.runtime.launch_env import apply_torch_defaults
     from hvd_trainer.strategies.horovod import apply_horovod_env
 
     if trainer:
@@ -158,12 +157,24 @@ def markdown(result: dict, plots) -> str:
 MAX_ITERS = 200
 
 
-def _sweep(sizes, warmup, repeats, make_op, barrier) -> dict[str, list[float]]:
-    out = {}
+def _sweep(sizes, warmup, repeats, make_op, barrier, rank) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds per op at every size; and the check of each size's op (:func:`_check`)."""
+    out, checks = {}, {}
     for size in sizes:
-        op = make_op(size)
+        op, buf = make_op(size)
+        checks[str(size)] = _check(op, buf, rank)
         out[str(size)] = core.timed(op, warmup, repeats, core.iters_for(size, cap=MAX_ITERS), barrier)
-    return out
+    return out, checks
+
+
+def _check(op, buf, rank) -> list[float]:
+    """One op with ``rank + 1`` in every element of every rank's buffer: ``[min, max]`` of the
+    result (a sum over n ranks gives n(n+1)/2 everywhere), then the buffer back to ones."""
+    buf[:] = rank + 1
+    op()
+    result = [float(buf.min()), float(buf.max())]
+    buf[:] = 1
+    return result
 
 
 def job_mpi(sizes, warmup, repeats):
@@ -174,19 +185,14 @@ def job_mpi(sizes, warmup, repeats):
 
     def make(size):
         buf = np.ones(max(1, size // 4), dtype=np.float32)
-        return lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        return (lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)), buf
 
-    return comm.rank, _sweep(sizes, warmup, repeats, make, comm.Barrier)
+    return (comm.rank, *_sweep(sizes, warmup, repeats, make, comm.Barrier, comm.rank))
 
 
-def job_horovod(sizes, warmup, repeats, trainer: bool):
+def job_horovod(sizes, warmup, repeats):
     import horovod.torch as hvd
     import torch
-
-    from hvd_trainer.config import HorovodConfig
-    from hvd_trainer.strategies.horovod import wait_for
-
-    poll_s = HorovodConfig().wait_poll_us * 1e-6
 
     hvd.init()
     torch.set_num_threads(1)
@@ -196,16 +202,13 @@ def job_horovod(sizes, warmup, repeats, trainer: bool):
         name = f"bench.{size}"
 
         def op():
-            h = hvd.allreduce_async_(t, name=name, op=hvd.Sum)
-            if trainer:  # as HorovodStrategy waits: a sleep-poll only with horovod.wait_poll_us > 0
-                wait_for(hvd, [h], poll_s)
-            hvd.synchronize(h)
-        return op
+            hvd.synchronize(hvd.allreduce_async_(t, name=name, op=hvd.Sum))
+        return op, t
 
-    out = _sweep(sizes, warmup, repeats, make, hvd.barrier)
     rank = hvd.rank()
+    out, checks = _sweep(sizes, warmup, repeats, make, hvd.barrier, rank)
     hvd.shutdown()
-    return rank, out
+    return rank, out, checks
 
 
 def job_torch_gloo(sizes, warmup, repeats):
@@ -217,16 +220,17 @@ def job_torch_gloo(sizes, warmup, repeats):
 
     def make(size):
         t = torch.ones(max(1, size // 4), dtype=torch.float32)
-        return lambda: dist.all_reduce(t)
+        return (lambda: dist.all_reduce(t)), t
 
-    out = _sweep(sizes, warmup, repeats, make, dist.barrier)
+    out, checks = _sweep(sizes, warmup, repeats, make, dist.barrier, comm.rank)
     dist.destroy_process_group()
-    return comm.rank, out
+    return comm.rank, out, checks
 
 
 def job_ps(sizes, warmup, repeats):
     """Workers push a gradient and pull the parameters of one shard server, the trainer's wire
-    and its real server (sync rule, an SGD step per push round)."""
+    and its real server (sync rule, an SGD step per push round). The check: the first push of
+    a fresh (zero) shard, ``rank + 1`` from each worker, pulls ``-lr * mean`` back."""
     import numpy as np
     from mpi4py import MPI
 
@@ -241,7 +245,7 @@ def job_ps(sizes, warmup, repeats):
     ctrl = world.Dup()
     waiter = Waiter(ctrl, 120.0, lambda r: f"rank {r}")
     wcomm = world.Split(color=int(rank == server), key=rank)
-    out = {}
+    out, checks = {}, {}
     for size in sizes:
         n = max(1, size // 4)
         data = world.Dup()  # one per size: a server's last posted receive must not match the next size's push
@@ -260,11 +264,15 @@ def job_ps(sizes, warmup, repeats):
                     data.Isend([grad, MPI.FLOAT], dest=server, tag=TAG_DATA + clock[0])]
             waiter.wait_all(reqs, [server])
 
+        grad[:] = rank + 1
+        op()
+        checks[str(size)] = [float(params.min()), float(params.max())]
+        grad[:] = 1
         out[str(size)] = core.timed(op, warmup, repeats, core.iters_for(size, cap=MAX_ITERS), wcomm.Barrier)
         waiter.wait_all([ctrl.Isend(np.array([CTRL_DONE, 0], dtype=np.int64), dest=server, tag=TAG_CTRL)], [server])
         data.Free()
     waiter.close()
-    return rank, out
+    return rank, out, checks
 
 
 def main() -> None:
@@ -279,16 +287,16 @@ def main() -> None:
     MAX_ITERS = a.max_iters
     sizes = [int(s) for s in a.sizes.split(",")]
     if a.job == "mpi":
-        rank, times = job_mpi(sizes, a.warmup, a.repeats)
+        rank, times, checks = job_mpi(sizes, a.warmup, a.repeats)
     elif a.job.startswith("horovod"):
-        rank, times = job_horovod(sizes, a.warmup, a.repeats, trainer=a.job == "horovod-trainer")
+        rank, times, checks = job_horovod(sizes, a.warmup, a.repeats)  # settings differ by environment
     elif a.job == "torch-gloo":
-        rank, times = job_torch_gloo(sizes, a.warmup, a.repeats)
+        rank, times, checks = job_torch_gloo(sizes, a.warmup, a.repeats)
     else:
-        rank, times = job_ps(sizes, a.warmup, a.repeats)
-    if rank == 0:
+        rank, times, checks = job_ps(sizes, a.warmup, a.repeats)
+    if rank == 0:  # check: one op's result, [min, max] (see _check), for the tests
         core.emit({"times": times, "median_s": {s: statistics.median(t) for s, t in times.items()},
-                   "pid": os.getpid()})
+                   "check": checks, "pid": os.getpid()})
 
 
 if __name__ == "__main__":

@@ -150,10 +150,45 @@ def train_params(np: int, run_dir: Path, overrides: Sequence[str], timeout: floa
                  env: Optional[dict] = None) -> list[dict[str, torch.Tensor]]:
     """Train with the worker script under mpirun; return every worker rank's final state_dict
     (parameter-server ranks hold no model and write none)."""
-    mpirun(np, [sys.executable, WORKER, f"run_dir={run_dir}", "runtime.progress=false", *overrides],
-           timeout=timeout, env=env)
+    return train_run(np, run_dir, overrides, timeout, env)[0]
+
+
+def train_run(np: int, run_dir: Path, overrides: Sequence[str], timeout: float = 180,
+              env: Optional[dict] = None) -> tuple[list[dict[str, torch.Tensor]], Result]:
+    """:func:`train_params`, and the job's output (to check what the run said it did)."""
+    res = mpirun(np, [sys.executable, WORKER, f"run_dir={run_dir}", "runtime.progress=false", *overrides],
+                 timeout=timeout, env=env)
     return [torch.load(run_dir / f"params_rank{r}.pt", weights_only=True) for r in range(np)
-            if (run_dir / f"params_rank{r}.pt").exists()]
+            if (run_dir / f"params_rank{r}.pt").exists()], res
+
+
+def train_local(run_dir: Path, overrides: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The one-process reference, in this process (``strategy=single``: no launcher, no
+    communication, one thread): the final state_dict. A reference run costs a second, not a job."""
+    from hvd_trainer import load_config, train
+    from hvd_trainer.strategies.base import unwrap
+
+    cfg = load_config(None, [*overrides, "strategy=single", "runtime.threads=1", "runtime.progress=false",
+                             f"run_dir={run_dir}"])
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    threads = torch.get_num_threads()
+    try:
+        train(cfg, on_end=lambda t: out.update(w={k: v.detach().clone()
+                                                  for k, v in unwrap(t.state.model).state_dict().items()}))
+    finally:
+        torch.set_num_threads(threads)
+    return out["w"]
+
+
+def assert_resumed(output: str, run_dir: Path, step: int) -> None:
+    """The run in ``run_dir`` (``output``: what it printed) restored its checkpoint of ``step``
+    before training: without this, a resume that silently did nothing would retrain from scratch
+    and, with the same seed, end bit-identical to the uninterrupted run all the same."""
+    checkpoint = run_dir / "checkpoints" / f"ckpt-step{step:09d}.pt"
+    said = [line for line in output.splitlines() if line.startswith("resumed from ")]
+    assert len(said) == 1 and said[0].startswith(f"resumed from {checkpoint} at step {step} "), \
+        f"expected one 'resumed from {checkpoint} at step {step}' line, got {said}\n{output[-3000:]}"
+    assert summary(run_dir)["resumed_from_step"] == step
 
 
 def summary(run_dir: Path) -> dict:

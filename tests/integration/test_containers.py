@@ -28,6 +28,7 @@ from mpi_jobs.containers import Container, host_mpi, image_mpi, mpirun_settings,
 IMAGE = "hvd-trainer-test"
 BUILD_TIMEOUT = 40 * 60  # a cold build (base image, apt, pip; a Horovod build if its wheel is not cached)
 TRAIN = ["hvd-train", "digits", "epochs=2", "runtime.progress=false", "checkpoint.every_epochs=0"]
+IMAGE_HVD_TRAIN = ("/opt/venv/bin/hvd-train", "/usr/local/bin/hvd-train")  # where the image installs it
 
 
 def _unavailable() -> Optional[str]:
@@ -74,17 +75,28 @@ def test_program_is_the_images(image):
     assert path.startswith("/opt/hvd-trainer/") and prefix == "/opt/venv"
     assert (hvd, torch_version) == ("0.28.1", "2.13.0+cpu")
     res = run_cmd(image.wrap(["sh", "-c", "command -v hvd-train"]), timeout=60)
-    assert res.stdout.strip() in ("/opt/venv/bin/hvd-train", "/usr/local/bin/hvd-train"), res.output
+    assert res.stdout.strip() in IMAGE_HVD_TRAIN, res.output
 
 
 def test_mpirun_starts_one_container_per_rank(image, tmp_path):
-    """The brief's form: mpirun -np 2 ch-run IMG -- hvd-train digits (Horovod ring-allreduce)."""
-    cmd = mpirun_command(2, image.wrap([*TRAIN, f"run_dir={tmp_path}"]), **mpirun_settings(image))
+    """The brief's form: mpirun -np 2 ch-run IMG -- hvd-train digits (Horovod ring-allreduce).
+    Each rank, inside its container, names the hvd-train it runs, then becomes it (exec)."""
+    where = ["sh", "-c", 'echo "rank $OMPI_COMM_WORLD_RANK runs $(command -v hvd-train)"; exec hvd-train "$@"', "sh"]
+    cmd = mpirun_command(2, image.wrap([*where, *TRAIN[1:], f"run_dir={tmp_path / 'image'}"]), **mpirun_settings(image))
     res = run_cmd(cmd, timeout=300)
     assert res.returncode == 0, res.output[-4000:]
-    s = _summary(tmp_path)
+    ran = sorted(line for line in res.stdout.splitlines() if line.startswith("rank ") and " runs " in line)
+    assert [line.split(" runs ")[0] for line in ran] == ["rank 0", "rank 1"], res.output[-3000:]
+    assert all(line.split(" runs ")[1] in IMAGE_HVD_TRAIN for line in ran), ran  # not the host's
+    s = _summary(tmp_path / "image")
     assert s["world_size"] == 2 and s["strategy"] == "horovod"
     assert s["final_test_accuracy"] > 0.9, s
+    # the same run on the host: the same code, seed and arithmetic reach the same accuracy (a
+    # couple of held-out samples of slack for a different build of the same versions)
+    res = run_cmd(mpirun_command(2, [*TRAIN, f"run_dir={tmp_path / 'host'}"]), timeout=300)
+    assert res.returncode == 0, res.output[-4000:]
+    host = _summary(tmp_path / "host")
+    assert abs(s["final_test_accuracy"] - host["final_test_accuracy"]) <= 0.01, (s, host)
 
 
 def test_hvd_launch_container_checks_mpi_and_runs(image, tmp_path):

@@ -47,8 +47,8 @@ def _params(run_dir: Path, np: int) -> list[dict[str, torch.Tensor]]:
             if (run_dir / f"params_rank{r}.pt").exists()]
 
 
-def _assert_equal_runs(cross: list[dict], single: list[dict], exact: bool = True) -> None:
-    assert len(cross) == len(single) > 0
+def _assert_equal_runs(cross: list[dict], single: list[dict], workers: int, exact: bool = True) -> None:
+    assert len(cross) == len(single) == workers  # every training rank's weights, on both sides
     for a, b in zip(cross, single):
         assert_same(a, b, exact=exact)
 
@@ -63,7 +63,7 @@ def test_mpirun_across_hosts_equals_one_host(testbed, tmp_path, hosts, strategy)
     s = summary(cross_dir)
     assert s["world_size"] == hosts and s["steps"] == EQUIV_STEPS
     single = train_params(hosts, tmp_path / "single", [*CFG, *STRATEGY[strategy]])
-    _assert_equal_runs(_params(cross_dir, hosts), single)
+    _assert_equal_runs(_params(cross_dir, hosts), single, hosts - 1 if strategy == "ps" else hosts)
 
 
 @pytest.mark.parametrize("hosts", [2, 3])
@@ -81,14 +81,18 @@ def test_horovodrun_gloo_across_hosts_equals_one_host(testbed, tmp_path, hosts):
     for replica in cross[1:]:
         assert_same(cross[0], replica, exact=True)  # every rank applied the same average
     # 3 summands: the ring's order follows the fusion buffer's timing-dependent layout (above)
-    _assert_equal_runs(cross, _params(tmp_path / "single", hosts), exact=hosts == 2)
+    _assert_equal_runs(cross, _params(tmp_path / "single", hosts), hosts, exact=hosts == 2)
 
 
 def test_hvd_launch_testbed_rehearses_a_multi_node_run(tmp_path):
-    # the user feature: a testbed of its own, one rank per host, torn down after
-    res = run_cmd(["hvd-launch", "--testbed", "2", "--", "hvd-train", "digits", "epochs=1",
+    # the user feature: a testbed of its own, one rank per host, torn down after. Each rank
+    # says where it runs, then becomes hvd-train (exec: the same process, the same rank).
+    where = ["sh", "-c", 'echo "rank $OMPI_COMM_WORLD_RANK runs on $(hostname)"; exec "$@"', "sh"]
+    res = run_cmd(["hvd-launch", "--testbed", "2", "--", *where, "hvd-train", "digits", "epochs=1",
                    "runtime.progress=false", f"run_dir={tmp_path}"], timeout=240)
     assert res.returncode == 0, res.output
     assert "-H node1:1,node2:1" in res.stderr and "btl_tcp_if_include" in res.stderr
+    ran = sorted(line for line in res.stdout.splitlines() if line.startswith("rank ") and " runs on " in line)
+    assert ran == ["rank 0 runs on node1", "rank 1 runs on node2"], res.output[-3000:]
     s = summary(tmp_path)
     assert s["world_size"] == 2 and s["final_test_accuracy"] > 0.5

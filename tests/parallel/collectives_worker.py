@@ -17,7 +17,7 @@ from torch import nn
 
 from hvd_trainer import load_config
 from hvd_trainer.config import ConfigError
-from hvd_trainer.launch_env import apply_mpi_defaults
+from hvd_trainer.runtime.launch_env import apply_mpi_defaults
 from hvd_trainer.strategies import make_strategy
 from hvd_trainer.strategies.base import StepPlan, unwrap
 
@@ -54,11 +54,11 @@ def allreduce_sum(dtype):
         g = torch.Generator().manual_seed(7)  # the same x on every rank
         x = torch.randint(-100, 100, (1000,), generator=g).to(dtype)  # integers: sums are exact
         before = x.clone()
-        got = s.allreduce(x)
+        got = s.allreduce(x, op="sum")
         assert torch.equal(x, before), "allreduce changed its input"
         assert got.dtype == dtype, got.dtype
         assert torch.equal(got, x * n), f"max error {(got - x * n).abs().max()}"
-        ranked = s.allreduce(torch.full((3,), float(r + 1), dtype=dtype))
+        ranked = s.allreduce(torch.full((3,), float(r + 1), dtype=dtype), op="sum")
         assert torch.equal(ranked, torch.full((3,), n * (n + 1) / 2, dtype=dtype)), ranked
     return run
 

@@ -26,6 +26,18 @@ def test_every_exchange_path_reports_every_size(job, np):
     out = bench_job(np, job, "4,65536,1048576", {})
     assert set(out["times"]) == {"4", "65536", "1048576"}
     assert all(len(t) == 2 and all(x > 0 for x in t) for t in out["times"].values())
+    # and the timed op really exchanges: one op on rank + 1 from every rank, in closed form
+    if job == "ps":  # np - 1 workers push to a fresh zero shard; its first SGD step pulls back -lr * mean
+        from hvd_trainer.config import OptimConfig
+
+        workers = np - 1
+        expected = -OptimConfig().lr * (workers + 1) / 2
+    else:  # a sum over the ranks
+        expected = np * (np + 1) / 2
+    assert set(out["check"]) == set(out["times"])
+    for size, (low, high) in out["check"].items():
+        assert low == pytest.approx(expected, rel=1e-6) and high == pytest.approx(expected, rel=1e-6), \
+            (size, low, high, expected)
 
 
 def test_waiting_for_an_allreduce_wakes_horovods_cycle():

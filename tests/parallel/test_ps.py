@@ -10,9 +10,9 @@ import time
 import psutil
 import pytest
 
-from hvd_trainer.launch_env import usable_cores
+from hvd_trainer.runtime.launch_env import usable_cores
 
-from conftest import EQUIV_STEPS, WORKER, assert_same, mpirun, summary, train_params
+from conftest import EQUIV_STEPS, WORKER, assert_resumed, assert_same, mpirun, summary, train_params, train_run
 from running import RunningJob, metrics_rows
 from mpi_jobs import mpirun_command
 
@@ -21,12 +21,25 @@ SGD = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "optim.name=sg
        "checkpoint.every_epochs=0", "checkpoint.resume=never"]
 
 
+@pytest.fixture(scope="module")
+def ring(tmp_path_factory):
+    """The allreduce run with W workers, trained once per W for the module."""
+    runs: dict[int, dict] = {}
+
+    def get(workers: int) -> dict:
+        if workers not in runs:
+            run_dir = tmp_path_factory.mktemp(f"ring{workers}")
+            runs[workers] = train_params(workers, run_dir, SGD + [f"max_steps={EQUIV_STEPS}", "strategy=horovod"])[0]
+        return runs[workers]
+    return get
+
+
 @pytest.mark.parametrize("np,servers", [(3, 1), (4, 2), (4, 1)])
-def test_sync_ps_equals_allreduce_with_the_same_workers(tmp_path, np, servers):
+def test_sync_ps_equals_allreduce_with_the_same_workers(tmp_path, np, servers, ring):
     workers = np - servers
     short = SGD + [f"max_steps={EQUIV_STEPS}"]  # inside the rounding horizon (conftest)
     ps = train_params(np, tmp_path / "ps", short + ["strategy=ps", f"ps.num_servers={servers}"])
-    ring = train_params(workers, tmp_path / "ring", short + ["strategy=horovod"])[0]
+    ring = ring(workers)
     assert len(ps) == workers
     for replica in ps[1:]:
         assert_same(ps[0], replica, exact=True)  # every worker pulled the same parameters
@@ -42,10 +55,19 @@ def test_sync_ps_resume_is_bit_identical(tmp_path):
     cfg = SGD + ["strategy=ps", "ps.num_servers=2", "epochs=3", "optim.schedule=cosine",
                  "checkpoint.every_steps=25", "checkpoint.resume=auto"]
     straight = train_params(4, tmp_path / "straight", cfg)[0]
+    total = summary(tmp_path / "straight")["steps"]
     stopped = tmp_path / "stopped"
     train_params(4, stopped, cfg + ["max_steps=70"])
-    resumed = train_params(4, stopped, cfg)[0]
-    assert_same(resumed, straight, exact=True)
+    assert summary(stopped)["steps"] == 70 < total  # it really stopped early
+    newest = stopped / "checkpoints" / "ckpt-step000000070.pt"
+    assert newest.is_file(), sorted((stopped / "checkpoints").glob("*"))
+    resumed, res = train_run(4, stopped, cfg)
+    assert_resumed(res.stdout, stopped, 70)  # not a fresh start that happens to match
+    s = summary(stopped)
+    assert s["steps"] == total
+    # the servers' counts cover the resumed part only: every push of steps 71.. by 2 workers to 2 servers
+    assert s["pushes"] == (total - 70) * 2 * 2, s
+    assert_same(resumed[0], straight, exact=True)
 
 
 @pytest.mark.parametrize("mode,np,seed", [("async", 3, 0), ("async", 4, 1), ("ssp", 3, 2), ("ssp", 4, 3)])
@@ -56,15 +78,24 @@ def test_async_and_ssp_converge(tmp_path, mode, np, seed):
     s = summary(tmp_path)
     assert s["final_test_accuracy"] >= 0.93, s
     assert s["ps_mode"] == mode
+    # the mode really ran, measured by the servers (rules.py): in sync no push is ever computed
+    # ahead of another worker's clock, so a server that fell back to sync reports 0
+    staleness = s["max_staleness"]
+    if mode == "async":
+        assert staleness > 0, f"async measured max_staleness {staleness}: it ran in lock step"
+    else:
+        assert 0 < staleness <= 2, f"ssp with ps.staleness=2 measured max_staleness {staleness}"
 
 
-STRAGGLER = ["strategy=ps", "data.name=digits", "epochs=2", "ps.straggler_rank=1", "ps.straggler_ms=20",
+# worker 1 (the test worker's test.straggler) is 20 ms late with every gradient
+STRAGGLER = [sys.executable, WORKER, "strategy=ps", "data.name=digits", "model.name=mlp", "model.hidden=[128,64]",
+             "optim.lr=0.05", "optim.momentum=0.9", "epochs=2", "batch_size=16", "test.straggler=1:20",
              "runtime.progress=false", "checkpoint.every_epochs=0", "optim.lr_scaling=none"]
 
 
 def test_ssp_staleness_never_exceeds_the_bound(tmp_path):
-    mpirun(4, ["hvd-train", "digits", *STRAGGLER, "ps.mode=ssp", "ps.staleness=2", f"run_dir={tmp_path / 'ssp'}"])
-    mpirun(4, ["hvd-train", "digits", *STRAGGLER, "ps.mode=async", f"run_dir={tmp_path / 'async'}"])
+    mpirun(4, [*STRAGGLER, "ps.mode=ssp", "ps.staleness=2", f"run_dir={tmp_path / 'ssp'}"])
+    mpirun(4, [*STRAGGLER, "ps.mode=async", f"run_dir={tmp_path / 'async'}"])
     ssp, free = summary(tmp_path / "ssp"), summary(tmp_path / "async")
     assert 1 <= ssp["max_staleness"] <= 2, ssp  # the straggler really held the others back
     assert free["max_staleness"] > 2, free      # without the bound the same measure sees more
@@ -73,7 +104,7 @@ def test_ssp_staleness_never_exceeds_the_bound(tmp_path):
 
 
 def test_backup_workers_drop_and_count_the_stragglers_gradients(tmp_path):
-    mpirun(4, ["hvd-train", "digits", *STRAGGLER, "ps.backup_workers=1", f"run_dir={tmp_path}"])
+    mpirun(4, [*STRAGGLER, "ps.backup_workers=1", f"run_dir={tmp_path}"])
     s = summary(tmp_path)
     assert s["dropped_gradients"] > 0, s
     assert s["pushes"] == s["steps"] * 3  # every worker's push arrived and was counted

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_same, mpirun, summary, train_params
+from conftest import assert_resumed, assert_same, mpirun, summary, train_params, train_run
 
 IMAGES = ["data.name=images", "data.augment=crop_flip", "data.num_workers=2", "model.name=mlp",
           "model.hidden=[32]", "model.dropout=0.1", "optim.lr=0.05", "epochs=3", "batch_size=8",
@@ -18,7 +18,7 @@ IMAGES = ["data.name=images", "data.augment=crop_flip", "data.num_workers=2", "m
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from hvd_trainer.datasets import write_image_folder
+    from hvd_trainer.data.datasets import write_image_folder
 
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
@@ -33,15 +33,19 @@ def test_resume_mid_epoch_with_workers_and_augmentation_is_bit_identical(tmp_pat
     straight = train_params(2, tmp_path / "straight", cfg + ["checkpoint.resume=never"], timeout=150)[0]
     stopped = tmp_path / "stopped"
     first = train_params(2, stopped, cfg + ["max_steps=7"], timeout=150)[0]
+    assert summary(stopped)["steps"] == 7  # it really stopped early (15 steps in all)
     assert not torch.equal(first["net.1.weight"], straight["net.1.weight"])
-    resumed = train_params(2, stopped, cfg, timeout=150)[0]
-    assert_same(resumed, straight, exact=True)
+    newest = max((stopped / "checkpoints").glob("ckpt-step*.pt"))
+    assert newest.name == "ckpt-step000000007.pt"  # the stop wrote one
+    resumed, res = train_run(2, stopped, cfg, timeout=150)
+    assert_resumed(res.stdout, stopped, 7)  # not a fresh start that happens to match
+    assert_same(resumed[0], straight, exact=True)
     assert summary(stopped)["steps"] == 15 and summary(stopped)["data"]["num_workers"] == 2
 
 
 @pytest.mark.parametrize("uneven,steps", [("pad", 2 * 8), ("truncate", 2 * 3)])
 def test_uneven_shards_are_read_in_part_and_finish_without_a_hang(tmp_path, uneven, steps):
-    from hvd_trainer.datasets import write_npz_shards
+    from hvd_trainer.data.datasets import write_npz_shards
 
     rng = np.random.default_rng(1)
     x, y = rng.random((100, 16)).astype(np.float32), rng.integers(0, 3, 100)
@@ -67,6 +71,14 @@ def test_bf16_autocast_reaches_the_digits_target(tmp_path):
            timeout=240)
     s = summary(tmp_path)
     assert s["precision"] == "bf16" and s["final_test_accuracy"] >= 0.95, s
+    # and bf16 was really in effect: with the same seed, fp32 ends elsewhere (a precision setting
+    # that fell back to fp32 would end bit-identical: see test_same_seed_gives_bit_identical_weights)
+    short = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "epochs=1", "max_steps=20",
+             "checkpoint.resume=never", "checkpoint.every_epochs=0"]
+    bf16 = train_params(2, tmp_path / "bf16", short + ["optim.precision=bf16"])[0]
+    fp32 = train_params(2, tmp_path / "fp32", short + ["optim.precision=fp32"])[0]
+    gap = max(float((bf16[k] - fp32[k]).abs().max()) for k in fp32)
+    assert gap > 1e-4, f"bf16 and fp32 weights differ by {gap:.2e} only"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid where CUDA is")

@@ -5,14 +5,15 @@
 ``test.fail_rank=R test.fail_step=S`` (consumed here, not trainer config) makes rank R raise
 inside its loss at step S, to check that a failing rank brings the job down;
 ``test.nan_rank=R test.nan_steps=S1,S2`` makes rank R's loss NaN at those loss calls;
-``test.step_sleep=SECONDS`` slows every loss call down.
+``test.step_sleep=SECONDS`` slows every loss call down; ``test.straggler=R:MS`` slows rank R's
+down by MS milliseconds (a straggler for the parameter server's rules).
 """
 import sys
 
 import torch
 
 from hvd_trainer import load_config, train
-from hvd_trainer.launch_env import launcher_rank
+from hvd_trainer.runtime.launch_env import launcher_rank
 from hvd_trainer.strategies.base import unwrap
 
 args = [a for a in sys.argv[1:] if not a.startswith("test.")]
@@ -53,6 +54,20 @@ if "step_sleep" in test_opts:  # slow every step down, to act on the job while i
         return inner(logits, y)
 
     loss_fn = slow_loss
+
+if "straggler" in test_opts:
+    import time
+
+    slow_rank, slow_ms = test_opts["straggler"].split(":")
+    if rank == int(slow_rank):
+        delay, plain = float(slow_ms) / 1000.0, loss_fn
+
+        def straggling_loss(logits, y):
+            if torch.is_grad_enabled():  # training steps, not evaluation
+                time.sleep(delay)
+            return plain(logits, y)
+
+        loss_fn = straggling_loss
 
 
 def save_final_weights(trainer):
