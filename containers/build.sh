@@ -55,7 +55,10 @@ t0=$SECONDS
 # (list with --no-lock: a read; while another ch-image runs, a locked list fails and would read as
 # "absent")
 # --- 1. base image ----------------------------------------------------------------------------------
-if "${CH[@]}" --no-lock list 2>/dev/null | grep -qx "$BASE"; then
+# (read the whole list first: under pipefail, grep -q leaving early makes the writer fail, and a
+# present image would read as absent)
+has_image() { local images; images="$("${CH[@]}" --no-lock list 2>/dev/null || true)"; grep -qx "$1" <<< "$images"; }
+if has_image "$BASE"; then
   log "base image $BASE: present"
 else
   mirror="$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)"
@@ -73,13 +76,20 @@ fi
 t_base=$((SECONDS - t0))
 
 # --- 2. build context -------------------------------------------------------------------------------
-ctx="$tmp/context"
+# A fixed path per tag, and the dependency layer's files dated by their content: ch-image keys a
+# COPY on each source's path, size and mtime, so a fresh clone (new mtimes) of the same install
+# script still finds that layer in the build cache, and any change to it misses.
+ctx="$CACHE/containers/context/$TAG"
+rm -rf "$ctx"
 mkdir -p "$ctx"
 (cd "$REPO" && git ls-files -z --cached --others --exclude-standard) \
   | (cd "$REPO" && while IFS= read -r -d '' f; do
        case "$f" in tests/*|benchmarks/*) continue ;; esac  # not in the image: no rebuild for them
        [ -f "$f" ] && printf '%s\0' "$f"; done) \
   | (cd "$REPO" && tar --null -T - -cf -) | tar -xf - -C "$ctx"
+for f in setup.py scripts/install.sh scripts/horovod-wake-on-wait.patch; do
+  touch -d "@$((16#$(sha256sum "$ctx/$f" | cut -c1-8)))" "$ctx/$f"
+done
 
 # --- 3. build -----------------------------------------------------------------------------------------
 args=(build --force -t "$TAG" -f "$ctx/containers/Dockerfile" --build-arg "BASE_IMAGE=$BASE")
@@ -114,7 +124,7 @@ recipe="$( (cd "$ctx" && find . -type f -print0 | sort -z | xargs -0 sha256sum; 
   | sha256sum | cut -c1-32)"
 stamp="$CACHE/containers/$TAG.recipe"
 if [ "$IF_CHANGED" = 1 ] && [ "$(cat "$stamp" 2>/dev/null)" = "$recipe" ] \
-   && "${CH[@]}" --no-lock list 2>/dev/null | grep -qx "$TAG"; then
+   && has_image "$TAG"; then
   log "$TAG is up to date (recipe $recipe)"
   echo "$TAG"
   exit 0

@@ -7,6 +7,8 @@
 #                                      # torch sees CUDA (not exercised here: no GPU)
 #   scripts/install.sh --image         # inside a container build (containers/): no test tooling
 #                                      # (SLURM, sshd, Charliecloud), apt without recommends
+#   scripts/install.sh --deps-only     # everything but the package itself (an image's dependency
+#                                      # layer: a change to the code alone then rebuilds little)
 #
 # Environment (all optional): HVD_TRAINER_VENV (default REPO/.venv), HVD_TRAINER_CACHE (default
 # ~/.cache/hvd-trainer; a prefilled wheels/<key>/ skips the Horovod build), HVD_TRAINER_TORCH_VERSION
@@ -25,11 +27,13 @@ TORCH_PIN="torch==${HVD_TRAINER_TORCH_VERSION:-2.13.0}"
 HOROVOD_VERSION="${HVD_TRAINER_HOROVOD_VERSION:-0.28.1}"
 SYSTEM_TORCH=0
 IMAGE=0
+DEPS_ONLY=0
 for arg in "$@"; do
   case "$arg" in
     --system-torch) SYSTEM_TORCH=1 ;;
     --image) IMAGE=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --deps-only) DEPS_ONLY=1 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -88,7 +92,7 @@ PIP=("$PY" -m pip install -q --disable-pip-version-check)
 # Skip the Python part entirely when nothing that feeds it changed since the last good install.
 # (the package list is part of the key: a new top-level package needs the editable install redone)
 stamp_key="$( (cat "$REPO/setup.py" "$REPO/scripts/install.sh" "$REPO/scripts/horovod-wake-on-wait.patch"
-               cd "$REPO" && ls -d ./*/__init__.py) \
+               cd "$REPO" && { ls -d ./*/__init__.py 2>/dev/null || true; }) \
   | sha256sum | cut -c1-16)-$SYSTEM_TORCH"
 stamp="$VENV/.hvd-trainer-installed"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_key" ] \
@@ -158,6 +162,11 @@ for feature in PyTorch MPI Gloo; do
   grep -q "\[X\] $feature" "$VENV/horovod-check-build.txt" \
     || { cat "$VENV/horovod-check-build.txt" >&2; die "horovodrun --check-build: $feature missing"; }
 done
+
+if [ "$DEPS_ONLY" = 1 ]; then
+  log "dependencies ready: $VENV (torch $TORCH_VER, horovod $HOROVOD_VERSION); package not installed"
+  exit 0
+fi
 
 # --- 5. the package itself ---------------------------------------------------------------------------
 "${PIP[@]}" --no-deps -e "$REPO"
