@@ -18,7 +18,7 @@ import sys
 from typing import Optional
 
 from . import containers
-from .commands import horovodrun_command, mpirun_command, srun_command
+from .commands import horovodrun_command, mpirun_command, share_cores, srun_command
 
 
 def _hosts(spec: Optional[str]) -> Optional[dict[str, int]]:
@@ -122,7 +122,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _on_testbed(args: argparse.Namespace, program: list[str]) -> int:
     """Start a testbed of ``args.testbed`` hosts, run the launcher on its first host with
-    ``np / hosts`` ranks per host, and tear it down whatever happens (Ctrl-C included)."""
+    ``np / hosts`` ranks per host, and tear it down whatever happens (Ctrl-C included). All
+    ``np`` ranks run on this machine's cores, so they share them out (:func:`share_cores`)."""
     from .testbed import Testbed
 
     n = args.testbed
@@ -131,23 +132,28 @@ def _on_testbed(args: argparse.Namespace, program: list[str]) -> int:
         print(f"hvd-launch: -np {np} is not a multiple of --testbed {n}", file=sys.stderr)
         return 2
     tb = Testbed(hosts_count=n, rate_mbit=args.testbed_rate_mbit)
+    program, env = share_cores(program, np)
+    horovodrun = args.launcher == "horovodrun"
 
     def command() -> list[str]:
-        if args.launcher == "horovodrun":
-            return tb.horovodrun_command(program, slots=np // n)  # Gloo: MPI's flags are ours
-        return tb.mpirun_command(program, slots=np // n, map_by=args.map_by)
+        if horovodrun:  # Gloo: MPI's flags are ours; horovodrun passes its environment on
+            return tb.horovodrun_command(program, slots=np // n)
+        return tb.mpirun_command(program, slots=np // n, map_by=args.map_by, env=env)
+
+    def shown(cmd: list[str]) -> str:
+        return "+ " + "".join(f"{k}={v} " for k, v in env.items() if horovodrun) + shlex.join(cmd)
 
     if args.dry_run:
         tb.layout(0)  # the names and subnet of the first free testbed
-        print("+ " + shlex.join(command()), file=sys.stderr)
+        print(shown(command()), file=sys.stderr)
         return 0
     with tb:
         print(f"hvd-launch: testbed of {n} hosts ({', '.join(f'{h.name}={h.address}' for h in tb.hosts)}, "
               f"interface eth0, subnet {tb.subnet}); running on {tb.hosts[0].name}", file=sys.stderr)
         cmd = command()
-        print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
+        print(shown(cmd), file=sys.stderr, flush=True)
         try:
-            return subprocess.run(tb.on_host(tb.hosts[0], cmd)).returncode
+            return subprocess.run(tb.on_host(tb.hosts[0], cmd), env={**os.environ, **env}).returncode
         except KeyboardInterrupt:  # the ranks got the Ctrl-C too; the testbed goes with ``with``
             print("hvd-launch: interrupted, tearing the testbed down", file=sys.stderr)
             return 130

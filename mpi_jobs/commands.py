@@ -8,14 +8,15 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional, Sequence
 
-from hvd_trainer.launch_env import MPI_RUNTIME_DEFAULTS, usable_cores
+from hvd_trainer.runtime.launch_env import MPI_RUNTIME_DEFAULTS, usable_cores
 
 # What a rank started on another host needs from the launcher's environment: ssh gives it a
 # fresh one (PATH=/usr/bin:/bin, no venv). The interpreter and libraries, thread counts, the
 # trainer's and Horovod's knobs, and the test suite's process tags (tests/conftest.py finds
 # leftover ranks by them). Forwarded by name with ``-x NAME``, only when set.
 FORWARD_VARS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONUNBUFFERED",
-                "OMP_NUM_THREADS", "MKL_NUM_THREADS", "HVD_TRAINER_TEST_SESSION", "HVD_TRAINER_TEST_TAG",
+                "OMP_NUM_THREADS", "MKL_NUM_THREADS", "HVD_TRAINER_THREADS", "HVD_TRAINER_TEST_SESSION",
+                "HVD_TRAINER_TEST_TAG",
                 *MPI_RUNTIME_DEFAULTS)
 FORWARD_PREFIXES = ("HOROVOD_", "GLOO_", "NCCL_")
 
@@ -26,6 +27,27 @@ def forwarded_names(environ: Optional[Mapping[str, str]] = None) -> list[str]:
     env = os.environ if environ is None else environ
     names = [n for n in FORWARD_VARS if n in env]
     return names + sorted(n for n in env if n.startswith(FORWARD_PREFIXES) and n not in names)
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HVD_TRAINER_THREADS")  # the last: the trainer's own
+
+
+def share_cores(program: Sequence[str], ranks: int, *, cores: Optional[int] = None,
+                environ: Optional[Mapping[str, str]] = None) -> tuple[list[str], dict[str, str]]:
+    """``(program, env)`` for ``ranks`` ranks that share this machine's cores although each sees
+    them all (the hosts of a testbed): each gets ``max(1, cores // ranks)`` threads.
+
+    ``env`` sets :data:`THREAD_VARS` (a value already in ``environ`` wins). An ``hvd-train``
+    program also gets ``runtime.threads=K`` unless it sets it: the trainer picks its threads from
+    that, else from the cores divided by the ranks on its *host*, which here would be too many."""
+    env = os.environ if environ is None else environ
+    k = str(max(1, (usable_cores() if cores is None else cores) // max(1, ranks)))
+    program = list(program)
+    trainer = bool(program) and (os.path.basename(program[0]) == "hvd-train"
+                                 or program[1:3] == ["-m", "hvd_trainer.cli"])
+    if trainer and not any(a.startswith("runtime.threads=") for a in program):
+        program.append(f"runtime.threads={k}")
+    return program, {name: k for name in THREAD_VARS if name not in env}
 
 
 def _hosts_arg(hosts: Optional[Mapping[str, int]]) -> list[str]:
@@ -48,11 +70,11 @@ def mpirun_command(np: int, program: Sequence[str], *, hosts: Optional[Mapping[s
     - ``oversubscribe``/``yield_when_idle`` default to on when ``np`` exceeds the cores this
       process may use (its affinity: ``taskset`` or a cgroup may allow fewer than the machine
       has); then a rank blocked in MPI must yield its core rather than busy-poll. The yield
-      setting is the trainer's own (:data:`hvd_trainer.launch_env.MPI_RUNTIME_DEFAULTS`).
+      setting is the trainer's own (:data:`hvd_trainer.runtime.launch_env.MPI_RUNTIME_DEFAULTS`).
     - ``tcp_subnet`` (e.g. ``198.18.0.0/24``) restricts both MPI traffic and the runtime's
       out-of-band channel to that network, as multi-host runs on a private fabric need.
-    - ``bind_to`` defaults to Open MPI's own choice (one core per rank for np <= 2), which the
-      throughput benchmark measured ~20% faster than ``none`` for both Horovod and DDP here.
+    - ``bind_to`` defaults to Open MPI's own choice (one core per rank for np <= 2): a rank
+      that stays on its core keeps its caches (benchmarks/README.md has the comparison).
     - ``allow_root`` defaults to on when running as root; ``extra``: further mpirun options.
     """
     cores = usable_cores()
