@@ -15,6 +15,7 @@ step of its own at lr 0.05 (the trainer's rule).
   ps-async                  ps.mode=async                                        (np 3)
   ps-ssp                    ps.mode=ssp, staleness 2                             (np 3)
   ps-sync+straggler         ps-sync, worker 1 sleeps STRAGGLER_MS every step     (np 3)
+                            (in its loss function, before backward: each of its gradients is late)
   ps-sync+backup+straggler  3 workers + 1 server, backup_workers=1, same straggler (np 4):
                             each step averages the first 2 of 3 gradients (Chen et al. 2016,
                             "Revisiting distributed synchronous SGD": N + b workers against N).
@@ -27,7 +28,8 @@ idle), so the PS variants' wall time also pays for sharing cores; epochs are the
 them, wall time the honest one.
 
 Launched by ``hvd-bench`` as ``mpirun -np N python -m benchmarks.convergence --job --epochs E
---run-dir DIR --override KEY=VALUE ...``.
+--run-dir DIR --override KEY=VALUE ...``. ``bench.straggler_ms=MS`` is this job's own override,
+not a trainer setting: rank ``STRAGGLER_RANK`` trains through a ``loss_fn`` that sleeps MS ms.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ TARGET = 0.95
 BASE_LR = 0.05          # digits.yaml's lr per worker
 STRAGGLER_RANK, STRAGGLER_MS = 1, 20.0
 PS_COUNTERS = ("pushes", "dropped_gradients", "max_staleness")  # from the run's summary
-STRAGGLER = [f"ps.straggler_rank={STRAGGLER_RANK}", f"ps.straggler_ms={STRAGGLER_MS}"]
+STRAGGLER = [f"bench.straggler_ms={STRAGGLER_MS}"]  # read by job(), not passed to the trainer
 
 # name -> (ranks, overrides)
 VARIANTS: dict[str, tuple[int, list[str]]] = {
@@ -92,7 +94,7 @@ def _maybe_summary(values: Sequence[Optional[float]]) -> Optional[dict[str, Any]
 
 def _recorder(log: list[list[str]]) -> Callable[[int, list[str], dict[str, str]], list[str]]:
     """Bench.job's own mpirun line (one core per rank unless oversubscribed), kept for the report."""
-    from hvd_trainer.launch_env import usable_cores
+    from hvd_trainer.runtime.launch_env import usable_cores
     from mpi_jobs import mpirun_command
 
     def build(np: int, program: list[str], env: dict[str, str]) -> list[str]:
@@ -180,7 +182,8 @@ def markdown(result: dict, plots: Path) -> str:
     n, target = result["repeats"], 100 * result["target"]
     lines = [f"hvd-train's embedded `digits` config, {result['epochs']} epochs, seed 0, one thread per rank; "
              "every synchronous step averages 2 x 16 samples at lr 0.1, async/SSP steps are one worker's 16 "
-             f"samples at lr 0.05. Straggler: worker {STRAGGLER_RANK} sleeps {STRAGGLER_MS:g} ms every step. "
+             f"samples at lr 0.05. Straggler: worker {STRAGGLER_RANK} sleeps {STRAGGLER_MS:g} ms in every training "
+             "step, before backward (the benchmark's `loss_fn`; `bench.straggler_ms` in the commands). "
              "The backup variant runs 3 workers and averages the first 2 gradients per step (N + b against N). "
              "Ranks above 2 share the 2 cores (oversubscribed), servers included. "
              f"{n} run(s) per variant: median [min..max]. Times are seconds since training start, measured "
@@ -207,18 +210,32 @@ def markdown(result: dict, plots: Path) -> str:
 
 
 # --- the job (every rank) ----------------------------------------------------------------------------
+def straggler_loss(delay_ms: float) -> Callable:
+    """Cross-entropy that first sleeps ``delay_ms``: a worker late with every gradient. Only
+    under autograd: the trainer's evaluation (no_grad) calls ``loss_fn`` too and is not slowed."""
+    import torch
+
+    def loss_fn(logits, y):
+        if torch.is_grad_enabled():
+            time.sleep(delay_ms / 1000.0)
+        return torch.nn.functional.cross_entropy(logits, y)
+    return loss_fn
+
+
 def job(epochs: int, run_dir: str, overrides: list[str]) -> Optional[dict]:
     """One ``hvd-train digits`` run; rank 0 returns its per-epoch rows, the others None.
     ``run_dir`` comes from the launching process: the trainer checks that every rank's config
     agrees, so each rank cannot make a temporary directory of its own."""
     from hvd_trainer import load_config, train
-    from hvd_trainer.cli import resolve_config
-    from hvd_trainer.launch_env import launcher_rank
+    from hvd_trainer.runtime.launch_env import launcher_rank
 
-    cfg = load_config(resolve_config("digits"), [
+    delay_ms = sum(float(o.split("=", 1)[1]) for o in overrides if o.startswith("bench.straggler_ms="))
+    overrides = [o for o in overrides if not o.startswith("bench.")]
+    cfg = load_config("digits", [
         f"epochs={epochs}", "checkpoint.every_epochs=0", "checkpoint.resume=never",
         "runtime.progress=false", "runtime.threads=1", f"run_dir={run_dir}", *overrides])
-    summary = train(cfg)
+    slow = delay_ms and launcher_rank() == STRAGGLER_RANK
+    summary = train(cfg, loss_fn=straggler_loss(delay_ms) if slow else None)
     if launcher_rank() != 0:
         return None
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -4,7 +4,8 @@ A section is a module with ``TITLE``, ``count(mode)`` (how many jobs it will sta
 bar's share), ``run(bench) -> dict`` (JSON-able figures) and ``markdown(result, plots) -> str``
 (its part of the report; it draws its PNGs into ``plots``). Its jobs are modules of this package
 started as ``python -m benchmarks.<module> --job ...`` under a launcher; rank 0 prints one line
-``BENCH_RESULT <json>`` that :meth:`Bench.job` returns.
+``BENCH_RESULT <json>`` that :meth:`Bench.job` returns. The standalone ``pipeline.py`` runs its
+jobs the same way.
 """
 from __future__ import annotations
 
@@ -66,6 +67,13 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
     q = statistics.quantiles(vals, n=4) if len(vals) >= 2 else [vals[0]] * 3
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
             "q1": q[0], "q3": q[2], "n": len(vals), "values": vals}
+
+
+def epoch_throughputs(run_dir: str) -> list[float]:
+    """Samples/s of every epoch a trainer run wrote to ``run_dir/metrics.jsonl`` after the first
+    (the warm-up). Only rank 0 writes that file, so only rank 0 may call this."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["epoch_samples_per_sec"] for line in lines[1:]]
 
 
 def timed(fn: Callable[[], None], warmup: int, repeats: int, iters: int = 1,
@@ -191,7 +199,7 @@ class Bench:
         if command is not None:
             cmd = command(np, program, dict(ONE_THREAD, **(env or {})))
         elif launcher == "mpirun":
-            from hvd_trainer.launch_env import usable_cores
+            from hvd_trainer.runtime.launch_env import usable_cores
 
             mpirun_kwargs.setdefault("bind_to", "core" if np <= usable_cores() else "none")
             cmd = mpirun_command(np, program, env=dict(ONE_THREAD, **(env or {})), **mpirun_kwargs)

@@ -383,10 +383,8 @@ def job_trainer(steps: int, epochs: int, overrides: list[str], run_dir: str) -> 
     from torch.utils.data import TensorDataset
 
     from hvd_trainer import load_config, train
-    from hvd_trainer.launch_env import launcher_rank
     from hvd_trainer.models import MLP
-
-    from .common import epoch_throughputs
+    from hvd_trainer.runtime.launch_env import launcher_rank
 
     torch.manual_seed(0)
     model = MLP(math.prod(SHAPE), HIDDEN, CLASSES)
@@ -399,7 +397,7 @@ def job_trainer(steps: int, epochs: int, overrides: list[str], run_dir: str) -> 
     workers = MPI.COMM_WORLD.Get_size() - (cfg.ps.num_servers if cfg.strategy == "ps" else 0)
     data = TensorDataset(x.repeat(steps * workers, 1, 1, 1), y.repeat(steps * workers))
     train(cfg, model=model, train_data=data, test_data=TensorDataset(x[:4], y[:4]))
-    return epoch_throughputs(run_dir) if launcher_rank() == 0 else None
+    return core.epoch_throughputs(run_dir) if launcher_rank() == 0 else None
 
 
 def main(argv: Optional[list[str]] = None) -> None:

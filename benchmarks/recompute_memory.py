@@ -1,6 +1,6 @@
 """Activation recomputation (``model.recompute``): peak memory and step time, both settings.
 
-    .venv/bin/python benchmarks/recompute_memory.py         # benchmarks/REPORT.md
+    .venv/bin/python benchmarks/recompute_memory.py         # benchmarks/README.md
 
 Each setting runs in a fresh process (so one setting's peak cannot hide the other's): the
 built-in ResNet, one training step to warm up, then timed steps. Reported per setting:

@@ -15,8 +15,6 @@ Variants (``hvd-train`` through the library API unless named "hand"):
   horovod/fp16          horovod.compression=fp16
   horovod/stock         Horovod's and Open MPI's own settings (1 ms cycle, busy-polling MPI)
   horovod/no-wake       horovod.wake_on_wait=false: requests wait for the next cycle (stock)
-  horovod/poll-100us    horovod.wait_poll_us=100: sleep-poll for the result after backward
-                        (the default, 0, leaves the wait to hvd.synchronize)
   horovod/grouped       horovod.groups=1: one grouped allreduce after backward
   horovod/cycle=N ms    another negotiation cycle
   ddp                   strategy=ddp (torch DDP over gloo)
@@ -30,10 +28,8 @@ Variants (``hvd-train`` through the library API unless named "hand"):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-from pathlib import Path
 from typing import Any, Optional
 
 from . import core
@@ -67,7 +63,6 @@ def variants(mode: core.Mode, np: int) -> dict[str, dict[str, Any]]:
     if mode.name == "full":  # the exchange designs tried for the default (REPORT: what was tried)
         out["horovod/stock"] = {"job": "trainer", "overrides": ["strategy=horovod"], "env": _stock()}
         out["horovod/no-wake"] = {"job": "trainer", "overrides": ["strategy=horovod", "horovod.wake_on_wait=false"]}
-        out["horovod/poll-100us"] = {"job": "trainer", "overrides": ["strategy=horovod", "horovod.wait_poll_us=100"]}
         out["horovod/grouped"] = {"job": "trainer", "overrides": ["strategy=horovod", "horovod.groups=1"]}
         for ms in (1, 5):
             out[f"horovod/cycle={ms}ms"] = {"job": "trainer", "overrides": ["strategy=horovod", f"horovod.cycle_time_ms={ms}"]}
@@ -287,7 +282,7 @@ def job_trainer(steps: int, blocks: int, overrides: list[str], run_dir: str) -> 
     """``hvd-train`` on a fixed batch: one epoch is one block (the first is the warm-up).
     hvd_trainer is imported before torch, as ``hvd-train`` does (its torch defaults)."""
     from hvd_trainer import load_config, train
-    from hvd_trainer.launch_env import launcher_rank
+    from hvd_trainer.runtime.launch_env import launcher_rank
     from torch.utils.data import TensorDataset
 
     model, x, y = _model_and_batch()
@@ -301,10 +296,7 @@ def job_trainer(steps: int, blocks: int, overrides: list[str], run_dir: str) -> 
         "runtime.threads=1", f"run_dir={run_dir}", *overrides])
     data = TensorDataset(x.repeat(steps * workers, 1, 1, 1), y.repeat(steps * workers))
     train(cfg, model=model, train_data=data, test_data=TensorDataset(x[:4], y[:4]))
-    if launcher_rank() != 0:
-        return None
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {"samples_per_s": [r["epoch_samples_per_sec"] for r in rows[1:]]}
+    return {"samples_per_s": core.epoch_throughputs(run_dir)} if launcher_rank() == 0 else None
 
 
 def main() -> None:

@@ -76,3 +76,25 @@ def test_fmt_shows_the_spread_and_how_many_runs_reached_it():
     assert convergence._fmt(core.summary([2.0]), ".1f", 1) == "2.0"
     assert convergence._fmt(core.summary([3.0]), ".1f", 2) == "3.0 (1/2 runs)"
     assert convergence._fmt(core.summary([1.0, 3.0]), ".1f", 2) == "2.0 [1.0..3.0]"
+
+
+def test_every_variant_is_a_valid_trainer_config_once_the_benchs_own_overrides_are_taken_out():
+    from hvd_trainer import load_config
+
+    for name, (_, overrides) in convergence.VARIANTS.items():
+        load_config("digits", [o for o in overrides if not o.startswith("bench.")])  # raises on a bad key
+    assert any(o.startswith("bench.straggler_ms=") for o in convergence.VARIANTS["ps-sync+straggler"][1])
+
+
+def test_the_straggler_sleeps_in_training_steps_only(monkeypatch):
+    import torch
+
+    slept = []
+    monkeypatch.setattr(convergence.time, "sleep", slept.append)
+    loss_fn = convergence.straggler_loss(20.0)
+    logits, y = torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():  # as the trainer's evaluation calls it
+        loss_fn(logits, y)
+    assert slept == []
+    assert torch.equal(loss_fn(logits, y), torch.nn.functional.cross_entropy(logits, y))
+    assert slept == [0.02]
