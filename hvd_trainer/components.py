@@ -15,7 +15,7 @@ from .data import (bad_sample_report, bind_rank_local, build_splits, check_finit
 from .execution import LossFn
 from .models import build_model
 from .runtime.rng import seed_rank
-from .schedule import build_optimizer, build_scheduler, lr_scale
+from .schedule import build_optimizer, build_scheduler, scaled_lr
 from .state import TrainState
 from .strategies.base import StepPlan, Strategy
 
@@ -83,14 +83,13 @@ class RunData:
 
     def bad_samples(self) -> dict[str, Any]:
         """Collective: the samples skipped as unreadable on every rank (``data.bad_samples=skip``)."""
-        mine = [p for pipe in (self.batches, self._eval_loader)
-                for p in (getattr(pipe, "bad_samples", lambda: [])())]
+        mine = [p for pipe in (self.batches, self._eval_loader) if pipe is not None for p in pipe.bad_samples()]
         return bad_sample_report(self.strategy.allgather_object(mine))
 
     def close(self) -> None:
         """Loader workers end with the run (or the shard), not at garbage collection."""
         for pipe in (self.batches, self._eval_loader):
-            close = getattr(pipe, "close", None) or getattr(getattr(pipe, "_iterator", None), "_shutdown_workers", None)
+            close = getattr(pipe, "close", None)  # in-memory batches start no workers
             if close is not None:
                 close()
 
@@ -120,8 +119,8 @@ def build_model_for(cfg: TrainConfig, data: RunData, strategy: Strategy, model: 
 
 def scale_lr(st: TrainState, cfg: TrainConfig, strategy: Strategy) -> None:
     """The lr schedule's base for the ranks there are now (after Horovod elastic resized)."""
-    o, sched = cfg.optim, st.scheduler
-    sched.base_lrs = [o.lr * lr_scale(o.lr_scaling, strategy.lr_ranks) for _ in sched.base_lrs]
+    sched = st.scheduler
+    sched.base_lrs = [scaled_lr(cfg.optim, strategy.lr_ranks) for _ in sched.base_lrs]
 
 
 class Evaluator:

@@ -12,7 +12,7 @@ import torch
 
 from .config import TrainConfig
 from .output import Output
-from .schedule import lr_scale
+from .schedule import scaled_lr
 from .state import TrainState
 from .strategies.base import Strategy
 
@@ -76,7 +76,7 @@ class Reporter:
     def plan(self, n_params: int, train_len: int, test_len: int, steps_per_epoch: int,
              data_info: dict[str, Any]) -> None:
         s, c = self.strategy, self.cfg
-        lr = c.optim.lr * lr_scale(c.optim.lr_scaling, s.lr_ranks)
+        lr = scaled_lr(c.optim, s.lr_ranks)
         self.out.print(f"hvd-train: strategy={s.name} world_size={s.size} workers={s.dp_size} "
                        f"params={n_params:,} train={train_len} test={test_len}")
         self.out.print(f"  global_batch={self.global_batch_size()} (batch {c.batch_size} x accumulation "

@@ -13,9 +13,14 @@ def lr_scale(rule: str, lr_ranks: int) -> float:
     return {"linear": float(lr_ranks), "sqrt": math.sqrt(lr_ranks), "none": 1.0}[rule]
 
 
+def scaled_lr(cfg: OptimConfig, lr_ranks: int) -> float:
+    """``optim.lr`` scaled for ``lr_ranks`` ranks by ``optim.lr_scaling``."""
+    return cfg.lr * lr_scale(cfg.lr_scaling, lr_ranks)
+
+
 def build_optimizer(params, cfg: OptimConfig, lr_ranks: int) -> torch.optim.Optimizer:
     """The optimizer at the scaled lr; ``lr_ranks``: the ranks whose gradients one step averages."""
-    lr = cfg.lr * lr_scale(cfg.lr_scaling, lr_ranks)
+    lr = scaled_lr(cfg, lr_ranks)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW

@@ -14,6 +14,7 @@ the job deadlocks.
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence
@@ -244,8 +245,6 @@ def average_op(op: str) -> bool:
 def threads_per_rank(requested: int, local_size: int) -> int:
     """``runtime.threads``, else ``HVD_TRAINER_THREADS`` where ``hvd-launch`` set it (testbed
     hosts that share one machine's cores), else this host's usable cores shared among its ranks."""
-    import os
-
     from ..runtime.launch_env import usable_cores
     if requested > 0:
         return requested
