@@ -29,7 +29,7 @@ DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "config-reference.
 
 HEADER = f"""# Config reference
 
-<!-- Generated from the field docstrings of hvd_trainer/config/sections.py; do not edit.
+<!-- Generated from the field docstrings of hvd_trainer/config/; do not edit.
      Regenerate: {REGENERATE} -->
 
 Every key below can be set in the YAML file (nested under its section) or on the command line
@@ -155,7 +155,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     path = Path(args.check)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return 0
-    print(f"{path} is out of date with hvd_trainer/config/sections.py; regenerate it: {REGENERATE}", file=sys.stderr)
+    print(f"{path} is out of date with hvd_trainer/config/; regenerate it: {REGENERATE}", file=sys.stderr)
     return 1
 
 

@@ -3,43 +3,13 @@ Each field's docstring is its documentation (docs/config-reference.md is generat
 from __future__ import annotations
 
 import glob
-import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; ``str(err)`` is one line naming the key."""
-
-
-INT_LIMIT = 2**31 - 1  # no count, size or seed here is meant to be larger; beyond it C++ overflows
-
-
-class _Section(BaseModel):
-    # strict: no silent coercion ("3" is not 3, 1.5 is not 1); inf and nan are never a setting
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True,
-                              allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _whole_floats_are_ints(cls, value: Any, info: ValidationInfo) -> Any:
-        """``1E6`` or ``2.0`` for an int field is the int a user means (an integral float only)."""
-        field = cls.model_fields[info.field_name]
-        if field.annotation in (int, Optional[int], "int", "Optional[int]") and isinstance(value, float) \
-                and math.isfinite(value) and value.is_integer() and abs(value) <= INT_LIMIT:
-            return int(value)
-        return value
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _no_absurd_ints(cls, value: Any) -> Any:
-        items = value if isinstance(value, list) else [value]
-        for v in items:
-            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT_LIMIT:
-                raise ValueError(f"{v} is out of range (at most {INT_LIMIT} in size)")
-        return value
+from .base import INT_LIMIT, ConfigError, _FieldError, _Section  # noqa: F401 (re-exported)
+from .run import CheckpointConfig, RuntimeConfig
 
 
 class DataConfig(_Section):
@@ -238,37 +208,6 @@ class PSConfig(_Section):
         return self
 
 
-class CheckpointConfig(_Section):
-    every_steps: int = Field(0, ge=0)
-    """Checkpoint every N optimizer steps (0: off)."""
-    every_epochs: int = Field(1, ge=0)
-    """Checkpoint at the end of every N epochs (0: off)."""
-    keep: int = Field(3, ge=1)
-    """Keep the newest K checkpoints."""
-    resume: Literal["auto", "never"] = "auto"
-    """``auto``: continue from the newest valid checkpoint in run_dir."""
-    stop_signals: list[Literal["USR1", "USR2", "TERM", "INT", "HUP"]] = Field(
-        default_factory=lambda: ["USR1", "TERM"])
-    """Signals that stop training cleanly: every rank stops at the same step boundary, one
-    checkpoint is written and the job exits 75, so a requeued job resumes exactly (SLURM's
-    ``--signal=B:USR1@N`` warning, preemption, ``scancel``). Empty: the signals keep their
-    default action."""
-
-
-class RuntimeConfig(_Section):
-    threads: int = Field(0, ge=0, le=4096)
-    """torch threads per rank (0: cores / local ranks, at least 1)."""
-    progress: bool = True
-    """Show a progress bar on rank 0."""
-    log_every_rank: bool = False
-    """Every rank also writes its own log file into run_dir."""
-    peer_timeout_s: float = Field(30.0, ge=0.0, le=86400.0)
-    """A rank that sends no heartbeat for this long (killed, stopped, its node down) ends the job
-    with a message naming it and its host (0: off). Heartbeats come from a thread of their own,
-    so a long step or checkpoint is not silence. Horovod's stall inspector shuts down after twice
-    this long, for launches without MPI (``horovodrun --gloo``)."""
-
-
 class TrainConfig(_Section):
     strategy: Literal["horovod", "ddp", "ps", "single"] = "horovod"
     """How gradients are exchanged: Horovod ring-allreduce, torch DDP over gloo, the mpi4py
@@ -318,13 +257,3 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-class _FieldError(ValueError):
-    """Raised inside validators; its key (relative to the section) goes into the one-line error."""
-
-    def __init__(self, key: str, msg: str) -> None:
-        super().__init__(f"{key}: {msg}")
-        self.key, self.msg = key, msg
-
-
