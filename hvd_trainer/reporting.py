@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 
 from .config import TrainConfig
+from .monitor.monitor import Monitor, compact
 from .output import Output
 from .schedule import scaled_lr
 from .state import TrainState
@@ -65,8 +66,8 @@ class EpochMeter:
 
 
 class Reporter:
-    def __init__(self, cfg: TrainConfig, strategy: Strategy, out: Output) -> None:
-        self.cfg, self.strategy, self.out = cfg, strategy, out
+    def __init__(self, cfg: TrainConfig, strategy: Strategy, out: Output, monitor: Monitor) -> None:
+        self.cfg, self.strategy, self.out, self.monitor = cfg, strategy, out, monitor
         self.metrics = RunMetrics()
         self.t_start = time.perf_counter()
 
@@ -102,6 +103,7 @@ class Reporter:
         m.last_train_loss = float(totals[0] / max(1.0, float(totals[1])))
 
     def epoch_row(self, st: TrainState, evaluation: dict[str, float]) -> None:
+        """Collective (the monitor gathers every rank's breakdown); rank 0 writes and prints."""
         m = self.metrics
         m.last_eval = evaluation
         record = {"epoch": st.epoch, "step": st.step, "train_loss": m.last_train_loss,
@@ -109,10 +111,13 @@ class Reporter:
                   "elapsed_s": time.perf_counter() - self.t_start}  # convergence against wall time
         if m.epoch_seconds:  # an uninterrupted epoch: its own throughput, for benchmarks
             record["epoch_samples_per_sec"] = m.epoch_samples / m.epoch_seconds
+        record["samples_seen"] = m.samples_seen
+        record = self.monitor.epoch(record)  # collective: every rank's time breakdown joins the row
         self.out.metrics(record)
         self.out.print(f"epoch {st.epoch:>3}  step {st.step:>6}  train_loss {m.last_train_loss:.4f}  "
                        f"test_loss {evaluation['test_loss']:.4f}  "
-                       f"test_acc {100 * evaluation['test_accuracy']:.2f}%  {m.samples_per_sec:.0f} samples/s")
+                       f"test_acc {100 * evaluation['test_accuracy']:.2f}%  {m.samples_per_sec:.0f} samples/s  "
+                       + compact(record.get("time", {})))
 
     def summary(self, st: TrainState, n_params: int, data_info: dict[str, Any],
                 extra: dict[str, Any]) -> dict[str, Any]:
@@ -133,6 +138,7 @@ class Reporter:
             "skipped_steps": m.skipped_steps, "settings": s.settings(), **s.counters(),
             "precision": self.cfg.optim.precision, "fp16_overflow_steps": s.precision.overflow_steps,
             "recompute": self.cfg.model.recompute, "data": data_info, **extra,
+            **self.monitor.summary(),  # rank 0's: the time breakdown per rank, stragglers
         }
         summary = s.broadcast_object(summary)
         self.out.summary(summary)

@@ -22,6 +22,7 @@ from .components import Evaluator, RunData, build_model_for, build_state, scale_
 from .config import TrainConfig, check_agreement
 from .execution import LossFn
 from .models import count_parameters
+from .monitor.monitor import Monitor
 from .output import Output
 from .reporting import Reporter
 from .runtime.control import ControlPlane, StopSignals
@@ -42,7 +43,8 @@ class Trainer:
         self.cfg, self.strategy = cfg, strategy
         self.control = control or ControlPlane(StopSignals(()))
         self.out = Output(cfg.run_dir, strategy.rank, cfg.runtime.progress, cfg.runtime.log_every_rank)
-        self.reporter = Reporter(cfg, strategy, self.out)
+        self.monitor = Monitor(cfg, strategy, self.out)
+        self.reporter = Reporter(cfg, strategy, self.out, self.monitor)
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.data = RunData(cfg, strategy, train_data, test_data)
         model = build_model_for(cfg, self.data, strategy, model)
@@ -70,18 +72,23 @@ class Trainer:
         self._check_agreement()
         d = self.data
         self.reporter.plan(self.n_params, len(d.train), len(d.test), d.steps_per_epoch, d.info)
+        self.monitor.open(self.checkpoints.resumed_step or 0)
         while self.state.epoch < self.cfg.epochs and not self.stop_requested:
             completed = self.train_epoch()
             if self.preempted:  # saved at the step; the time left before a SIGKILL is short
                 self.strategy.barrier()  # no rank leaves before rank 0 has written
                 raise Preempted(f"stopped by {self.control.reason} at step {self.state.step}; "
                                 f"resume with checkpoint.resume=auto{self.checkpoints.last_good()}")
-            self.reporter.epoch_row(self.state, self.evaluator.evaluate(self.state.model, self._to_device))
+            with self.monitor.evaluating():
+                evaluation = self.evaluator.evaluate(self.state.model, self._to_device)
+            self.reporter.epoch_row(self.state, evaluation)
             self.checkpoints.after_epoch(self.state, completed)
             self.strategy.step_done(self.state.step, epoch_end=True)  # after the epoch's row is out
         self.checkpoints.at_end(self.state)
         extra = {"resumed_from_step": self.checkpoints.resumed_step, "bad_samples": d.bad_samples()}
-        return self.reporter.summary(self.state, self.n_params, d.info, extra)
+        summary = self.reporter.summary(self.state, self.n_params, d.info, extra)
+        self.monitor.close(summary)
+        return summary
 
     def train_epoch(self) -> bool:
         """Train to the end of the epoch (or to a stop); whether the epoch completed."""
@@ -92,8 +99,11 @@ class Trainer:
         meter = self.reporter.epoch_meter(steps, first, st.epoch)
         st.model.train()
         for _ in range(first, steps):
+            self.monitor.step_begin(st.step + 1)
             micro = [self._to_device(next(batches)) for _ in range(k)]
-            meter.step(self._step(micro), micro)
+            self.monitor.data_ready()
+            loss = self._step(micro)
+            meter.step(loss, micro)
             if cfg.max_steps and st.step >= cfg.max_steps:
                 self.stop_requested = True
             if self.control.step_boundary(st.step):  # a stop signal: the same step on every rank
@@ -101,6 +111,7 @@ class Trainer:
             self.strategy.step_done(st.step)
             with meter.paused():
                 self.checkpoints.after_step(st, self.stop_requested)
+            self.monitor.step_end(st.step, loss, st.optimizer.param_groups[0]["lr"])
             if self.stop_requested:
                 break
         self.reporter.end_epoch(meter, whole_epoch=first == 0 and not self.stop_requested)
@@ -154,6 +165,7 @@ class Trainer:
     def close(self) -> None:
         """Close the output and drop the model and optimizer (a DDP wrapper holds the process
         group, which must not outlive the strategy's shutdown)."""
+        self.monitor.close({})  # after a failure: release the sinks' files and port
         self.out.close()
         self.state = None
         self.data.close()

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import ConfigError, TrainConfig
 from ..execution import LocalExecutor, LossFn, StepExecutor
+from ..monitor.phases import StepPhases
 from ..precision import Precision
 
 
@@ -68,6 +69,9 @@ class Strategy(ABC):
         self.cfg = cfg
         self.precision = precision or Precision()
         self.executor = executor or LocalExecutor()
+        # train_step marks where its time went (compute, exchange, optimizer); the loop opens
+        # and closes each step and charges the data wait and the rest
+        self.phases = StepPhases()
 
     # --- lifecycle (every rank) --------------------------------------------------------------------
     @abstractmethod

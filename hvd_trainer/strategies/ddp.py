@@ -8,12 +8,14 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import time
 from datetime import timedelta
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import syncbn
@@ -63,6 +65,7 @@ class DDPStrategy(Strategy):
     def __init__(self, cfg: TrainConfig, precision=None, executor=None) -> None:
         super().__init__(cfg, precision, executor)
         self.dcfg = cfg.ddp
+        self.bucket_ready: Optional[float] = None  # set by _timed_allreduce
 
     def init(self) -> None:
         self.rank, self.size, self.local_rank, self.local_size, method = _rendezvous(self.dcfg)
@@ -87,7 +90,9 @@ class DDPStrategy(Strategy):
 
     def prepare(self, model, optimizer, plan: StepPlan):
         ids = [self.local_rank] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.dcfg.bucket_cap_mb), optimizer
+        ddp = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.dcfg.bucket_cap_mb)
+        ddp.register_comm_hook(self, _timed_allreduce)
+        return ddp, optimizer
 
     def sync_batchnorm(self, model: nn.Module) -> nn.Module:
         if self.device.type == "cuda":
@@ -99,10 +104,16 @@ class DDPStrategy(Strategy):
         optimizer.zero_grad()
         last = len(micro_batches) - 1
         # Only the last micro-batch's backward allreduces; the others accumulate locally.
+        self.bucket_ready = None
         loss = self.executor.forward_backward(model, micro_batches, loss_fn, self.precision,
                                               lambda i: model.no_sync() if i < last else None)
+        # backward returns once the buckets' allreduces are done: what followed the last
+        # bucket's launch was waiting for the exchange
+        self.phases.lap("compute", at=self.bucket_ready)
+        self.phases.lap("exchange")
         # after backward, every rank holds the average (fp16: unscaled, then checked)
         checked_update(model, optimizer, grad_clip, self.precision)
+        self.phases.lap("optimizer")
         return loss
 
     def broadcast_parameters(self, model, root_rank: int = 0) -> None:
@@ -139,3 +150,10 @@ class DDPStrategy(Strategy):
     def settings(self) -> dict[str, Any]:
         return {"backend": dist.get_backend(), "bucket_cap_mb": self.dcfg.bucket_cap_mb,
                 "threads_per_rank": torch.get_num_threads()}
+
+
+def _timed_allreduce(strategy: DDPStrategy, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's own averaging allreduce (the same result as no hook), noting when the last bucket
+    was ready: the end of this rank's backward compute."""
+    strategy.bucket_ready = time.perf_counter()
+    return default_hooks.allreduce_hook(None, bucket)

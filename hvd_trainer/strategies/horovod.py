@@ -143,10 +143,12 @@ class HorovodStrategy(Strategy):
     def train_step(self, model, optimizer, micro_batches: Sequence, loss_fn: LossFn, grad_clip: float):
         optimizer.zero_grad()
         loss = self.executor.forward_backward(model, micro_batches, loss_fn, self.precision)
+        self.phases.lap("compute")
         if self.hcfg.op == "adasum":
             # Adasum reduces each rank's local update inside step(): nothing to check before it,
             # but the parameters after it are the same on every rank
             optimizer.step()
+            self.phases.lap("exchange")  # the reduction and the update are one call
             norm = torch.nn.utils.get_total_norm(list(model.parameters()))
             if not bool(torch.isfinite(norm)):
                 raise NonFiniteGradient(f"parameter norm {float(norm)} after an Adasum step")
@@ -154,8 +156,10 @@ class HorovodStrategy(Strategy):
         # Check and clip the *averaged* gradient (fp16: unscaled first): wait for the allreduce,
         # then step without a second allreduce.
         optimizer.synchronize()
+        self.phases.lap("exchange")
         with optimizer.skip_synchronize():
             checked_update(model, optimizer, grad_clip, self.precision)
+        self.phases.lap("optimizer")
         return loss
 
     def broadcast_parameters(self, model, root_rank: int = 0) -> None:

@@ -34,7 +34,9 @@ class SingleProcessStrategy(Strategy):
     def train_step(self, model, optimizer, micro_batches, loss_fn, grad_clip):
         optimizer.zero_grad()
         loss = self.executor.forward_backward(model, micro_batches, loss_fn, self.precision)
+        self.phases.lap("compute")
         checked_update(model, optimizer, grad_clip, self.precision)
+        self.phases.lap("optimizer")
         return loss
 
     def broadcast_parameters(self, model, root_rank: int = 0) -> None:

@@ -172,6 +172,7 @@ class ParameterServerStrategy(Strategy):
         for p in self.params:
             p.grad = None
         loss = self.executor.forward_backward(model, micro_batches, loss_fn, self.precision)  # fp32 or bf16
+        self.phases.lap("compute")
         if not bool(torch.isfinite(loss)):  # this worker's own verdict: never push it
             raise NonFiniteGradient(f"loss {float(loss)}")
         torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
@@ -181,6 +182,7 @@ class ParameterServerStrategy(Strategy):
         # The servers step the parameters; this no-op step (no gradients) keeps the workers'
         # optimizer and lr scheduler in their usual order (the lr is reported from it).
         optimizer.step()
+        self.phases.lap("optimizer")  # the real update happens on the servers, inside the exchange
         MPI = self.MPI
         self.steps_done += 1
         self.idle = False
@@ -196,6 +198,7 @@ class ParameterServerStrategy(Strategy):
         self.waiter.wait_all(recvs + sends, self.server_ranks, statuses)
         for j in range(len(self.bounds)):
             self.clocks[j] = statuses[j].Get_tag() - TAG_DATA  # the server's version
+        self.phases.lap("exchange")
         return loss
 
     # --- state (workers) -----------------------------------------------------------------------------
