@@ -23,7 +23,9 @@ setup(
         "tqdm",
         "scikit-learn",
         "pillow",  # image folders (data.name: images)
-        "matplotlib",  # hvd-bench's plots
+        "matplotlib",  # hvd-bench's and hvd-report's plots
+        "tensorboard",  # runtime.tensorboard (torch.utils.tensorboard writes, tests read back)
+        "prometheus_client",  # runtime.metrics_port / metrics_textfile
     ],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"]},
     entry_points={
@@ -31,6 +33,7 @@ setup(
             "hvd-train=hvd_trainer.cli:main",
             "hvd-launch=mpi_jobs.cli:main",
             "hvd-bench=benchmarks.cli:main",
+            "hvd-report=hvd_trainer.monitor.report:main",
         ]
     },
 )
