@@ -164,6 +164,30 @@ MUTATIONS: list[Mutation] = [
         "        return []  # mutation: every peer seems to answer",
         ("tests/parallel/test_lost_rank.py::test_a_killed_rank_ends_the_job_naming_it[ddp]",),
         "a rank whose collective failed on a killed DDP peer names that peer"),
+    Mutation(
+        "straggler_never_named", "hvd_trainer/monitor/straggler.py",
+        "            if v > factor * mid and v - mid >= min_excess_s:",
+        "            if False:  # mutation: nobody is ever slow",
+        ("tests/parallel/test_monitoring.py::test_a_rank_with_a_slow_data_path_is_named_and_a_balanced_run_names_none",),
+        "a rank slowed on purpose is named as the straggler"),
+    Mutation(
+        "data_wait_not_marked", "hvd_trainer/monitor/monitor.py",
+        '        self.phases.lap("data")',
+        "        pass  # mutation: the data wait is charged to the next part",
+        ("tests/parallel/test_monitoring.py::test_a_rank_with_a_slow_data_path_is_named_and_a_balanced_run_names_none",),
+        "the data wait is measured as its own part"),
+    Mutation(
+        "tensorboard_keeps_rolled_back_steps", "hvd_trainer/monitor/tensorboard.py",
+        "purge_step=resume_step + 1,",
+        "purge_step=None,  # mutation",
+        ("tests/unit/test_monitor_runs.py::test_tensorboard_scalars_at_their_steps_also_across_a_rolled_back_resume",),
+        "a resumed run's TensorBoard log holds every step once, with the retrained values"),
+    Mutation(
+        "metrics_not_live", "hvd_trainer/monitor/prometheus.py",
+        '        self._run("step", step)\n',
+        "        pass  # mutation: the step gauge moves only at epoch ends\n",
+        ("tests/parallel/test_monitoring.py::test_breakdown_adds_up_and_metrics_are_served_live",),
+        "/metrics shows the run while it trains"),
 ]
 
 

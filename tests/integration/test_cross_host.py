@@ -96,3 +96,25 @@ def test_hvd_launch_testbed_rehearses_a_multi_node_run(tmp_path):
     assert ran == ["rank 0 runs on node1", "rank 1 runs on node2"], res.output[-3000:]
     s = summary(tmp_path)
     assert s["world_size"] == 2 and s["final_test_accuracy"] > 0.5
+
+
+def test_the_exchange_wait_grows_on_a_capped_link(testbed, tmp_path):
+    """The time breakdown sees the network: the same 2-host run with both hosts' links capped
+    waits longer in the gradient exchange, and its compute stays where it was."""
+    program = [sys.executable, WORKER, *CFG, "strategy=horovod", "model.hidden=[256]"]  # 76 KB of gradients
+    parts = {}
+    try:
+        for cap in (None, 8.0):
+            for host in testbed.hosts[:2]:
+                testbed.limit_bandwidth(host, cap)
+            run = tmp_path / f"cap-{cap}"
+            res = run_on(testbed, testbed.hosts[0], testbed.mpirun_command([*program, f"run_dir={run}"], hosts=2))
+            assert res.returncode == 0, res.output + testbed.logs()
+            parts[cap] = summary(run)["time_breakdown"]
+    finally:
+        for host in testbed.hosts[:2]:
+            testbed.limit_bandwidth(host, None)
+    free, capped = parts[None], parts[8.0]
+    # 2 x 76 KB per step at 8 Mbit/s is ~75 ms once tc's 64 KB burst is spent; loopback-fast uncapped
+    assert capped["exchange_s"] > max(5 * free["exchange_s"], 0.010), (free, capped)
+    assert capped["compute_s"] < capped["exchange_s"]

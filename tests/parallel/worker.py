@@ -6,7 +6,9 @@
 inside its loss at step S, to check that a failing rank brings the job down;
 ``test.nan_rank=R test.nan_steps=S1,S2`` makes rank R's loss NaN at those loss calls;
 ``test.step_sleep=SECONDS`` slows every loss call down; ``test.straggler=R:MS`` slows rank R's
-down by MS milliseconds (a straggler for the parameter server's rules).
+down by MS milliseconds (a straggler for the parameter server's rules);
+``test.data_sleep=R:MS`` makes rank R wait MS milliseconds for each training batch (a slow
+data path, for the monitor's straggler warning).
 """
 import sys
 
@@ -68,6 +70,29 @@ if "straggler" in test_opts:
             return plain(logits, y)
 
         loss_fn = straggling_loss
+
+if "data_sleep" in test_opts:
+    import time
+
+    import hvd_trainer.components as components
+
+    slow_rank, slow_ms = test_opts["data_sleep"].split(":")
+    if rank == int(slow_rank):
+        delay, make = float(slow_ms) / 1000.0, components.make_batches
+
+        def slow_batches(*a, **kw):
+            batches = make(*a, **kw)
+            epoch = batches.epoch
+
+            def slow_epoch(*ea, **ekw):
+                for batch in epoch(*ea, **ekw):
+                    time.sleep(delay)
+                    yield batch
+
+            batches.epoch = slow_epoch
+            return batches
+
+        components.make_batches = slow_batches
 
 
 def save_final_weights(trainer):
