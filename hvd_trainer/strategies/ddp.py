@@ -152,7 +152,9 @@ class DDPStrategy(Strategy):
                 "threads_per_rank": torch.get_num_threads()}
 
 
-def _timed_allreduce(strategy: DDPStrategy, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+# unannotated: DDP checks the hook's annotations against the classes, and this module's
+# annotations are strings (from __future__ import annotations)
+def _timed_allreduce(strategy, bucket):
     """DDP's own averaging allreduce (the same result as no hook), noting when the last bucket
     was ready: the end of this rank's backward compute."""
     strategy.bucket_ready = time.perf_counter()
