@@ -106,6 +106,11 @@ def test_horovod_and_ddp_agree(tmp_path):
     hvd = train_params(2, tmp_path / "hvd", MLP_SHORT + ["strategy=horovod"])[0]
     ddp = train_params(2, tmp_path / "ddp", MLP_SHORT + ["strategy=ddp"])[0]
     assert_same(hvd, ddp)
+    # both measured their exchange: DDP's through its communication hook (the same averaging
+    # allreduce as no hook, or the weights above would differ)
+    for name in ("hvd", "ddp"):
+        for rank in summary(tmp_path / name)["ranks"]:
+            assert rank["exchange_s"] > 0 and rank["compute_s"] > 0, (name, rank)
 
 
 def test_adasum_keeps_replicas_equal_and_learns(tmp_path):
