@@ -12,20 +12,41 @@ MLP = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "optim.name=sg
        "checkpoint.resume=never"]
 # comparisons across rank counts or strategies stop inside the rounding horizon (conftest)
 MLP_SHORT = MLP + [f"max_steps={EQUIV_STEPS}"]
+# dropout draws from per-rank streams, so only the exchange keeps the replicas equal
+DROPOUT = MLP + ["model.dropout=0.1", "seed=7"]
+
+
+def short(strategy: str) -> list[str]:
+    return MLP_SHORT + [f"strategy={strategy}", "batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Jobs that several tests compare (2 ranks at b vs 1 at 2b, Horovod vs DDP, fp16 vs fp32;
+    same seed, Adasum vs average): each trained once for the module, by its np and config."""
+    done: dict[tuple, tuple] = {}
+
+    def get(np: int, overrides: list[str], with_dir: bool = False):
+        """The ranks' final weights (and the run dir, ``with_dir``)."""
+        key = (np, tuple(overrides))
+        if key not in done:
+            run_dir = tmp_path_factory.mktemp("run")
+            done[key] = (train_params(np, run_dir, overrides), run_dir)
+        return done[key] if with_dir else done[key][0]
+    return get
 
 
 @pytest.mark.parametrize("np", [2, 3])
-def test_parameters_identical_on_every_rank(tmp_path, np):
-    # dropout draws from per-rank streams, so only the allreduce keeps the replicas equal
-    params = train_params(np, tmp_path, MLP + ["model.dropout=0.2"])
+def test_parameters_identical_on_every_rank(runs, np):
+    params = runs(np, DROPOUT)
     assert len(params) == np  # every rank wrote its own weights: nothing compared is missing
     for other in params[1:]:
         assert_same(params[0], other, exact=True)
 
 
 @pytest.mark.parametrize("strategy", ["horovod", "ddp"])
-def test_two_ranks_at_b_equal_one_rank_at_2b(tmp_path, strategy):
-    two = train_params(2, tmp_path / "two", MLP_SHORT + [f"strategy={strategy}", "batch_size=8"])[0]
+def test_two_ranks_at_b_equal_one_rank_at_2b(tmp_path, runs, strategy):
+    two = runs(2, short(strategy))[0]
     one = train_local(tmp_path / "one", MLP_SHORT + ["batch_size=16"])
     assert_same(two, one)
 
@@ -47,19 +68,18 @@ def test_accumulation_of_k_micro_batches_equals_one_big_batch(tmp_path, np, b, k
     assert_same(accumulated, big)
 
 
-def test_fp16_compression_close_to_fp32(tmp_path):
+def test_fp16_compression_close_to_fp32(tmp_path, runs):
     # fp16 rounds each gradient to ~5e-4 relative: ~lr * 5e-4 per step, ~1e-3 after EQUIV_STEPS
-    fp32 = train_params(2, tmp_path / "fp32", MLP_SHORT)[0]
-    fp16 = train_params(2, tmp_path / "fp16", MLP_SHORT + ["horovod.compression=fp16"])[0]
+    fp32 = runs(2, short("horovod"))[0]
+    fp16 = train_params(2, tmp_path / "fp16", short("horovod") + ["horovod.compression=fp16"])[0]
     assert_same(fp16, fp32, rtol=0, atol=5e-3)
     assert any(not torch.equal(fp16[k], fp32[k]) for k in fp32), "fp16 compression had no effect"
 
 
 @pytest.mark.parametrize("np", [2])  # one process: tests/unit/test_loop.py
-def test_same_seed_gives_bit_identical_weights(tmp_path, np):
-    cfg = MLP + ["model.dropout=0.1", "seed=7"]
-    a = train_params(np, tmp_path / "a", cfg)[0]
-    b = train_params(np, tmp_path / "b", cfg)[0]
+def test_same_seed_gives_bit_identical_weights(tmp_path, runs, np):
+    a = runs(np, DROPOUT)[0]
+    b = train_params(np, tmp_path / "b", DROPOUT)[0]
     assert_same(a, b, exact=True)
     c = train_params(np, tmp_path / "c", MLP + ["model.dropout=0.1", "seed=8"])[0]
     assert not torch.equal(a["net.1.weight"], c["net.1.weight"])
@@ -102,25 +122,25 @@ def test_sync_batchnorm_two_ranks_equal_one_rank_double_batch(tmp_path, strategy
     assert_same(two[0], two[1], exact=True)
 
 
-def test_horovod_and_ddp_agree(tmp_path):
-    hvd = train_params(2, tmp_path / "hvd", MLP_SHORT + ["strategy=horovod"])[0]
-    ddp = train_params(2, tmp_path / "ddp", MLP_SHORT + ["strategy=ddp"])[0]
-    assert_same(hvd, ddp)
+def test_horovod_and_ddp_agree(runs):
+    (hvd, hvd_dir), (ddp, ddp_dir) = runs(2, short("horovod"), with_dir=True), runs(2, short("ddp"), with_dir=True)
+    assert_same(hvd[0], ddp[0])
     # both measured their exchange: DDP's through its communication hook (the same averaging
     # allreduce as no hook, or the weights above would differ)
-    for name in ("hvd", "ddp"):
-        for rank in summary(tmp_path / name)["ranks"]:
-            assert rank["exchange_s"] > 0 and rank["compute_s"] > 0, (name, rank)
+    for run_dir in (hvd_dir, ddp_dir):
+        for rank in summary(run_dir)["ranks"]:
+            assert rank["exchange_s"] > 0 and rank["compute_s"] > 0, (run_dir, rank)
 
 
-def test_adasum_keeps_replicas_equal_and_learns(tmp_path):
-    params = train_params(2, tmp_path / "adasum", MLP + ["horovod.op=adasum"])
+def test_adasum_keeps_replicas_equal_and_learns(tmp_path, runs):
+    # with dropout, the replicas' gradients differ: only the exchange keeps them equal
+    params = train_params(2, tmp_path / "adasum", DROPOUT + ["horovod.op=adasum"])
     assert len(params) == 2
     assert_same(params[0], params[1], exact=True)
     s = summary(tmp_path / "adasum")
     assert s["settings"]["op"] == "adasum" and s["final_test_accuracy"] > 0.8, s
     # Adasum really ran: the same seed averaged ends elsewhere, by far more than rounding
     # (an Adasum that fell back to averaging would differ by float32 rounding at most)
-    average = train_params(2, tmp_path / "average", MLP + ["horovod.op=average"])[0]
+    average = runs(2, DROPOUT)[0]  # horovod.op=average is the default
     gap = max(float((params[0][k] - average[k]).abs().max()) for k in average)
     assert gap > 1e-3, f"Adasum and average differ by {gap:.2e} only"
