@@ -74,10 +74,12 @@ def test_a_warning_signal_stops_requeues_and_resumes_exactly(slurm, tmp_path):
     75, the script requeues the job, and the requeued job resumes to weights bit-identical to a
     run that was never interrupted: no step trained twice or skipped."""
     program = [sys.executable, WORKER, "data.name=digits", "model.name=mlp", "model.hidden=[32]", "epochs=4",
-               "checkpoint.every_epochs=0", "runtime.progress=false", "test.step_sleep=0.02"]
+               "checkpoint.every_epochs=0", "runtime.progress=false"]
+    # the reference needs no pause: test.step_sleep (every step of the batch job slowed, so the
+    # signal lands mid-run) is the test worker's, not the trainer's config, and changes no arithmetic
     mpirun(2, program + [f"run_dir={tmp_path / 'whole'}"], timeout=180)
     run = tmp_path / "run"
-    job = BatchJob(program=program + [f"run_dir={run}"], ntasks=2, time="00:10:00", output=str(tmp_path / "job.out"),
+    job = BatchJob(program=program + ["test.step_sleep=0.02", f"run_dir={run}"], ntasks=2, time="00:10:00", output=str(tmp_path / "job.out"),
                    env={"PATH": f"{BIN}:/usr/bin:/bin", "OMPI_MCA_mpi_yield_when_idle": "1"},
                    requeue_on_preempt=True, signal_seconds=60)
     assert "#SBATCH --signal=B:USR1@60" in job.script()
