@@ -3,6 +3,7 @@
     hvd-bench --quick                      # <= 15 min on 2 cores: every section, short sweeps
     hvd-bench --full                       # longer sweeps, more repeats
     hvd-bench --quick --only collectives   # some sections (the others' results in --out are kept)
+    hvd-bench --quick --only monitoring    # what TensorBoard and the Prometheus sink cost the trainer
     hvd-bench --report-only --out DIR      # redraw the report and plots from DIR/results.json
     hvd-bench --advise --params 25.6e6 --workers 64 --link-gbit 25
 
@@ -31,7 +32,7 @@ class _Sections(dict):
         return self[name]
 
 
-SECTION_NAMES = ("collectives", "throughput", "links", "convergence")
+SECTION_NAMES = ("collectives", "throughput", "links", "convergence", "monitoring")
 SECTIONS = _Sections()
 
 

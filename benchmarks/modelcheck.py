@@ -72,6 +72,7 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
 def _target_rows(results: dict[str, Any], check: dict[str, Any]) -> list[tuple[str, Optional[float], float, str]]:
     secs = results.get("sections", {})
     thr, coll, lk = secs.get("throughput", {}), secs.get("collectives", {}), secs.get("links", {})
+    mon = secs.get("monitoring", {})
     two = thr.get("ranks", {}).get("2", {})
     rows: list[tuple[str, Optional[float], float, str]] = [
         ("default strategy (horovod) at 2 ranks / limit", two.get("horovod", {}).get("vs_limit"), 0.95, ">="),
@@ -86,6 +87,8 @@ def _target_rows(results: dict[str, Any], check: dict[str, Any]) -> list[tuple[s
         ("cost model, predictions: worst |error| (training steps, testbed links)",
          check.get("max_abs_error_prediction"), TOLERANCE, "<="),
         ("PS sync / naive mpi4py PS, 2 workers + 1 server", thr.get("ps_sync_vs_naive"), 1.0, ">="),
+        ("monitoring on / off (TensorBoard + Prometheus textfile), default strategy, 2 ranks",
+         mon.get("ratio"), mon.get("target", 0.98), ">="),
     ]
     return rows
 

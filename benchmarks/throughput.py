@@ -8,6 +8,9 @@ The **limit** is what the machine can do at all: as many independent single-proc
 there are ranks, running at once with no communication (plain torch, the same model, batch and
 optimizer); its samples/s is the sum of theirs. Every other variant is reported as a ratio to
 the limit at the same rank count, measured in the same run (rounds alternate the variants).
+The limit also times its forward+backward and its update; each trainer variant's own per-step
+breakdown (data, compute, exchange, optimizer, other) is set against them to say why the
+variant falls short (:mod:`.breakdown`).
 
 Variants (``hvd-train`` through the library API unless named "hand"):
   limit                 independent processes, no communication
@@ -29,10 +32,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 from typing import Any, Optional
 
-from . import core
+from . import breakdown, core
 from .core import Bench
 
 TITLE = "Training throughput and scaling against the limit"
@@ -81,27 +85,60 @@ def count(mode: core.Mode) -> int:
 def run(bench: Bench) -> dict:
     mode = bench.mode
     raw: dict[str, dict[str, list[float]]] = {str(n): {} for n in RANKS}
+    times: dict[str, dict[str, list]] = {str(n): {} for n in RANKS}  # one breakdown per round
+    failed: dict[str, str] = {}  # "np/variant" -> the error: a broken variant loses only its own row
     for r in range(mode.rounds):
         for n in RANKS:
             for name, spec in variants(mode, n).items():
+                if f"{n}/{name}" in failed:
+                    bench.tick(f"throughput np={n} {name} (failed before)")
+                    continue
                 np = n + spec.get("servers", 0)
-                args = [spec["job"], "--steps", str(mode.steps), "--blocks", str(mode.blocks), "--run-dir", bench.scratch()]
+                run_dir = bench.scratch()
+                args = [spec["job"], "--steps", str(mode.steps), "--blocks", str(mode.blocks), "--run-dir", run_dir]
                 for o in spec.get("overrides", []):
                     args += ["--override", o]
-                out = bench.job("throughput", args, np, env=spec.get("env"),
-                                desc=f"throughput np={n} {name} ({r + 1}/{mode.rounds})")
+                try:
+                    out = bench.job("throughput", args, np, env=spec.get("env"),
+                                    desc=f"throughput np={n} {name} ({r + 1}/{mode.rounds})")
+                except core.BenchError as err:
+                    if name == "limit":  # every ratio needs it
+                        raise
+                    bench.log(f"[throughput] np={n} {name} FAILED: {str(err)[:300]}")
+                    failed[f"{n}/{name}"] = str(err)[-3000:]
+                    continue
                 raw[str(n)].setdefault(name, []).extend(out["samples_per_s"])
+                if spec["job"] == "trainer":  # rank 0 wrote its metrics.jsonl into run_dir
+                    times[str(n)].setdefault(name, []).append(breakdown.read_run(run_dir))
+                elif "time" in out:
+                    times[str(n)].setdefault(name, []).append(out["time"])
     result: dict[str, Any] = {"model": f"ResNet {CHANNELS} on 3x{HW}x{HW}", "params": _param_count(),
-                              "batch_per_rank": BATCH, "ranks": {}}
+                              "batch_per_rank": BATCH, "ranks": {}, "failed_variants": failed}
     for n, per in raw.items():
         limit = statistics.median(per["limit"])
         result["ranks"][n] = {name: dict(core.summary(v), vs_limit=statistics.median(v) / limit)
                               for name, v in per.items()}
+        explain_gaps(result["ranks"][n], times[n], int(n))
     two = result["ranks"].get("2", {})
     for label, (a, b) in {"horovod_vs_ddp": ("horovod", "ddp"), "ps_sync_vs_naive": ("ps/sync", "hand/ps-naive")}.items():
         if a in two and b in two:
             result[label] = two[a]["median"] / two[b]["median"]
     return result
+
+
+def explain_gaps(per: dict[str, dict[str, Any]], times: dict[str, list], ranks: int) -> None:
+    """Into each variant's entry: ``time``, its breakdown's median over rounds; and for the
+    trainer variants ``gap``, why they are slower than the limit (:func:`breakdown.explain`)."""
+    for name, samples in times.items():
+        t = breakdown.median_over(samples)
+        if t is not None and name in per:
+            per[name]["time"] = t
+    if "limit" not in per:
+        return
+    limit = breakdown.limit_time(per["limit"], ranks, BATCH)
+    for name, q in per.items():
+        if name != "limit" and q.get("time"):
+            q["gap"] = breakdown.explain(q["time"], limit)
 
 
 def _param_count() -> int:
@@ -128,11 +165,22 @@ def markdown(result: dict, plots) -> str:
             cells += ["", ""] if q is None else [f"{q['median']:.1f} [{q['min']:.1f}..{q['max']:.1f}]",
                                                  f"**{q['vs_limit']:.3f}**" if name == "horovod" else f"{q['vs_limit']:.3f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "horovod_vs_ddp" in result or "ps_sync_vs_naive" in result:
+        lines.append("")
     if "horovod_vs_ddp" in result:
-        lines += ["", f"- The default strategy against DDP at 2 ranks: **{result['horovod_vs_ddp']:.3f}x** (target >= 1.0)."]
+        lines += [f"- The default strategy against DDP at 2 ranks: **{result['horovod_vs_ddp']:.3f}x** (target >= 1.0)."]
     if "ps_sync_vs_naive" in result:
         lines += [f"- The PS in sync mode against the naive mpi4py PS (2 workers + 1 server on 2 cores): "
                   f"**{result['ps_sync_vs_naive']:.3f}x** (target >= 1.0)."]
+    failed = result.get("failed_variants") or {}
+    if failed:
+        lines += ["", "Variants that failed (no figures; the other variants' rounds ran as usual):", ""]
+    for key, err in failed.items():
+        n, name = key.split("/", 1)
+        lines += [f"- **{name}** at {n} rank{'s' if n != '1' else ''}: `{_last_error_line(err)}`"]
+    table = breakdown.markdown(ranks)
+    if table:
+        lines += ["", table]
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = range(len(names))
     ax.bar(xs, [ranks["2"][n]["vs_limit"] for n in names],
@@ -147,6 +195,13 @@ def markdown(result: dict, plots) -> str:
     core.save_plot(fig, plots / "throughput_vs_limit.png")
     lines += ["", "![throughput vs limit](plots/throughput_vs_limit.png)"]
     return "\n".join(lines)
+
+
+def _last_error_line(err: str) -> str:
+    """The exception's own line from a failed job's output (ranks prefix theirs "[rankN]:")."""
+    lines = [line.split("]:", 1)[-1].strip() for line in err.splitlines()]
+    errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line)]
+    return (errors or [line for line in lines if line] or ["?"])[-1][:200]
 
 
 # --- jobs -----------------------------------------------------------------------------------------------
@@ -173,25 +228,43 @@ def _sgd(model, world: int):
 
 
 def job_limit(steps: int, blocks: int) -> Optional[dict]:
-    """Plain torch on every rank, no communication while timed; the sum over ranks."""
+    """Plain torch on every rank, no communication while timed; the sum over ranks. Each rank
+    also times its forward+backward (with zero_grad, as the trainer's compute) and its update:
+    three clock reads and an append per step, nothing against a step of tens of ms."""
+    import time
+
     import torch
     from mpi4py import MPI
 
     torch.set_num_threads(1)
     model, x, y = _model_and_batch()
     opt = _sgd(model, 1)
+    laps: list[tuple[float, float]] = []
 
     def step():
+        t0 = time.perf_counter()
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
+        t1 = time.perf_counter()
         opt.step()
+        laps.append((t1 - t0, time.perf_counter() - t1))
 
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     mine = _blocks(step, steps, blocks, BATCH)
+    cpu_util = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    timed = laps[steps:]  # the first block is the warm-up
+    step_s = statistics.fmean(BATCH / rate for rate in mine)
+    compute_s = statistics.fmean(c for c, _ in timed)
+    optimizer_s = statistics.fmean(o for _, o in timed)
+    my_time = {"data_s": 0.0, "compute_s": compute_s, "exchange_s": 0.0, "optimizer_s": optimizer_s,
+               "other_s": step_s - compute_s - optimizer_s, "step_s": step_s, "cpu_util": cpu_util}
     comm = MPI.COMM_WORLD
-    everyone = comm.gather(mine, root=0)
+    everyone = comm.gather((mine, my_time), root=0)
     if comm.rank != 0:
         return None
-    return {"samples_per_s": [sum(vals) for vals in zip(*everyone)], "per_rank": everyone}
+    rates = [r for r, _ in everyone]
+    return {"samples_per_s": [sum(vals) for vals in zip(*rates)], "per_rank": rates,
+            "time": {k: statistics.fmean(t[k] for _, t in everyone) for k in my_time}}
 
 
 def job_hand_horovod(steps: int, blocks: int) -> Optional[dict]:
