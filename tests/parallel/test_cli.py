@@ -28,20 +28,13 @@ def test_demo_reaches_95_percent_on_two_ranks(tmp_path, seed):
     assert {r["test_samples"] for r in records} == {359}
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("optim.lrr=0.1", "optim.lrr: unknown key"),
-    ("epochs=ten", "epochs:"),
-    ("optim.lr=-1", "optim.lr:"),
-    ("data.name=npz", "data.path:"),
-    ("data.path=/nonexistent.npz", "data.path: file not found"),
-    ("horovod.op=adasum", "optim.lr_scaling:"),
-])
-def test_bad_config_is_one_line_exit_2_on_every_rank(tmp_path, override, needle):
-    extra = ["data.name=npz"] if override.startswith("data.path") else []
-    res = mpirun(2, ["hvd-train", "digits", *extra, override, f"run_dir={tmp_path}"], timeout=60, check=False)
+def test_bad_config_is_one_line_exit_2_on_every_rank(tmp_path):
+    # each kind of bad value and its message: tests/unit/test_config.py (hvd-train in process);
+    # here, one of them on real ranks: rank 0 alone says it, every rank exits 2
+    res = mpirun(2, ["hvd-train", "digits", "optim.lrr=0.1", f"run_dir={tmp_path}"], timeout=60, check=False)
     assert res.returncode == 2, res.output
     lines = [line for line in res.stderr.splitlines() if line.startswith("hvd-train")]
-    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert lines == ["hvd-train: config error: optim.lrr: unknown key"], res.stderr
     assert "Traceback" not in res.output
 
 
@@ -116,17 +109,14 @@ def test_a_config_error_on_the_workers_reaches_the_parameter_servers(tmp_path):
     assert "Traceback" not in res.output
 
 
-@pytest.mark.parametrize("rank0,rank1,needle", [
-    (["epochs=2"], ["epochs=3"], "rank 1's config differs from rank 0's: epochs 3 vs 2"),
-    (["model.hidden=[32]"], ["model.hidden=[64]"], "rank 1's config differs from rank 0's: model.hidden [64] vs [32]"),
-    (["strategy=horovod"], ["strategy=ddp"], "rank 1's config differs from rank 0's: strategy ddp vs horovod"),
-    (["batch_size=16"], ["batch_size=32"], "rank 1's config differs from rank 0's: batch_size 32 vs 16"),
-])
-def test_ranks_launched_with_different_configs_fail_at_startup(tmp_path, rank0, rank1, needle):
-    # MPMD: one mpirun, each rank its own command line
+def test_ranks_launched_with_different_configs_fail_at_startup(tmp_path):
+    # MPMD: one mpirun, each rank its own command line. Which difference is named, for each kind
+    # of key: tests/unit/test_config.py; here, the path on real ranks (the strategies differ, so
+    # without the check they would wait in mismatched collectives)
     common = ["hvd-train", "digits", "runtime.progress=false", f"run_dir={tmp_path}"]
-    cmd = mpirun_command(1, [*common, *rank0, ":", "-np", "1", *common, *rank1])
+    cmd = mpirun_command(1, [*common, "strategy=horovod", ":", "-np", "1", *common, "strategy=ddp"])
     res = run_cmd(cmd, timeout=60)
     assert res.returncode == 2, res.output
     lines = [line for line in res.stderr.splitlines() if line.startswith("hvd-train")]
-    assert lines == [f"hvd-train: config error: {needle}"], res.stderr
+    assert lines == ["hvd-train: config error: rank 1's config differs from rank 0's: strategy ddp vs horovod"], \
+        res.stderr

@@ -111,17 +111,14 @@ def test_backup_workers_drop_and_count_the_stragglers_gradients(tmp_path):
     assert s["final_test_accuracy"] > 0.5  # two short epochs, but it learns without the drops
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("ps.num_servers=3", "ps.num_servers: at most world size - 1 = 2, got 3"),
-    ("ps.staleness=-1", "ps.staleness: must be >= 0"),
-    ("ps.backup_workers=2", "ps.backup_workers: must be < number of workers (2), got 2"),
-    ("optim.grad_clip=1", "optim.grad_clip:"),
-])
-def test_bad_ps_config_exits_2_before_communicating(tmp_path, override, needle):
-    res = mpirun(3, ["hvd-train", "digits", "strategy=ps", override, f"run_dir={tmp_path}"], timeout=60, check=False)
+def test_bad_ps_config_exits_2_before_communicating(tmp_path):
+    # found by the strategy's check at this world size; each check's message:
+    # tests/unit/test_config.py. Here on real ranks: one line (rank 0's), exit 2, no hang
+    res = mpirun(3, ["hvd-train", "digits", "strategy=ps", "ps.num_servers=3", f"run_dir={tmp_path}"],
+                 timeout=60, check=False)
     assert res.returncode == 2, res.output
     lines = [line for line in res.stderr.splitlines() if line.startswith("hvd-train")]
-    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert lines == ["hvd-train: config error: ps.num_servers: at most world size - 1 = 2, got 3"], res.stderr
 
 
 # --- failures: the job must end on its own, naming the culprit -----------------------------------

@@ -147,3 +147,57 @@ def test_first_difference_names_the_first_differing_dotted_key():
     assert first_difference(c, d) == ("model.hidden", [32], [64])
     with pytest.raises(ConfigError, match=r"^rank 2's config differs from rank 0's: epochs 2 vs 3$"):
         check_agreement([a, a, b], "config")
+
+
+# --- the multi-rank config errors, case by case ------------------------------------------------
+# tests/parallel runs one case of each under real ranks (exit 2, rank 0's one line, no hang);
+# which key each case names is decided here, in one process, by the same code.
+
+@pytest.mark.parametrize("override,needle", [
+    ("optim.lrr=0.1", "optim.lrr: unknown key"),
+    ("epochs=ten", "epochs:"),
+    ("optim.lr=-1", "optim.lr:"),
+    ("data.name=npz", "data.path:"),
+    ("data.path=/nonexistent.npz", "data.path: file not found"),
+    ("horovod.op=adasum", "optim.lr_scaling:"),
+])
+def test_bad_config_is_one_line_exit_2_from_hvd_train(tmp_path, capsys, override, needle):
+    from hvd_trainer.cli import main
+
+    extra = ["data.name=npz"] if override.startswith("data.path") else []
+    assert main(["digits", *extra, override, f"run_dir={tmp_path}"]) == 2
+    out = capsys.readouterr()
+    lines = out.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hvd-train: config error: {needle}"), out.err
+    assert "Traceback" not in out.out + out.err
+
+
+@pytest.mark.parametrize("rank0,rank1,needle", [
+    (["epochs=2"], ["epochs=3"], "rank 1's config differs from rank 0's: epochs 3 vs 2"),
+    (["model.hidden=[32]"], ["model.hidden=[64]"], "rank 1's config differs from rank 0's: model.hidden [64] vs [32]"),
+    (["strategy=horovod"], ["strategy=ddp"], "rank 1's config differs from rank 0's: strategy ddp vs horovod"),
+    (["batch_size=16"], ["batch_size=32"], "rank 1's config differs from rank 0's: batch_size 32 vs 16"),
+])
+def test_ranks_launched_with_different_configs_get_the_first_difference(tmp_path, rank0, rank1, needle):
+    from hvd_trainer.config import check_agreement
+
+    # what each rank of `mpirun hvd-train digits ... : hvd-train digits ...` loads and gathers
+    common = ["runtime.progress=false", f"run_dir={tmp_path}"]
+    views = [load_config("digits", [*common, *rank0]).to_dict(), load_config("digits", [*common, *rank1]).to_dict()]
+    check_agreement([views[0], views[0]], "config")  # the same config passes
+    with pytest.raises(ConfigError) as err:
+        check_agreement(views, "config")
+    assert str(err.value) == needle
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("ps.num_servers=3", "ps.num_servers: at most world size - 1 = 2, got 3"),
+    ("ps.staleness=-1", "ps.staleness: must be >= 0"),
+    ("ps.backup_workers=2", "ps.backup_workers: must be < number of workers (2), got 2"),
+    ("optim.grad_clip=1", "optim.grad_clip:"),
+])
+def test_bad_ps_config_at_three_ranks_is_one_line_naming_the_key(override, needle):
+    check_world(load_config("digits", ["strategy=ps"]), 3)  # the same world without the override passes
+    with pytest.raises(ConfigError) as err:
+        check_world(load_config("digits", ["strategy=ps", override]), 3)
+    assert str(err.value).startswith(needle) and "\n" not in str(err.value), err.value
