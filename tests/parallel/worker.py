@@ -5,10 +5,11 @@
 ``test.fail_rank=R test.fail_step=S`` (consumed here, not trainer config) makes rank R raise
 inside its loss at step S, to check that a failing rank brings the job down;
 ``test.nan_rank=R test.nan_steps=S1,S2`` makes rank R's loss NaN at those loss calls;
-``test.step_sleep=SECONDS`` slows every loss call down; ``test.straggler=R:MS`` slows rank R's
-down by MS milliseconds (a straggler for the parameter server's rules);
-``test.data_sleep=R:MS`` makes rank R wait MS milliseconds for each training batch (a slow
-data path, for the monitor's straggler warning).
+``test.step_sleep=SECONDS`` slows every loss call down (with ``test.pause_file=PATH``, only while
+PATH exists: a test deletes it to let the rest of the run go at full speed);
+``test.straggler=R:MS`` slows rank R's down by MS milliseconds (a straggler for the parameter
+server's rules); ``test.data_sleep=R:MS`` makes rank R wait MS milliseconds for each training
+batch (a slow data path, for the monitor's straggler warning).
 """
 import sys
 
@@ -47,12 +48,15 @@ if "nan_rank" in test_opts:
     loss_fn = nan_loss
 
 if "step_sleep" in test_opts:  # slow every step down, to act on the job while it trains
+    import os
     import time
 
     pause, inner = float(test_opts["step_sleep"]), loss_fn
+    pause_file = test_opts.get("pause_file")
 
     def slow_loss(logits, y):
-        time.sleep(pause)
+        if pause_file is None or os.path.exists(pause_file):
+            time.sleep(pause)
         return inner(logits, y)
 
     loss_fn = slow_loss
