@@ -152,6 +152,12 @@ MUTATIONS: list[Mutation] = [
         ("tests/parallel/test_collectives.py::test_small_collectives_in_closed_form[ps-3]",),
         "the PS workers' allreduce sums (with one worker, the identity passes every closed form)"),
     Mutation(
+        "ps_waiter_never_times_out", "hvd_trainer/strategies/ps/wire.py",
+        "            if silent > self.timeout:\n                self.fail(",
+        "            if False:  # mutation: a silent peer is waited for forever\n                self.fail(",
+        ("tests/parallel/test_ps.py::test_a_dead_or_stopped_peer_ends_the_job_with_its_name[1-19-worker 1 (rank 1)]",),
+        "a stopped parameter-server peer is named by the waits' ps.timeout_s (the heartbeat is off there)"),
+    Mutation(
         "heartbeat_disabled", "hvd_trainer/runtime/protocols.py",
         "        return self.silence(now) > self.timeout",
         "        return False  # mutation: a silent predecessor is never lost",

@@ -9,8 +9,12 @@ inside its loss at step S, to check that a failing rank brings the job down;
 PATH exists: a test deletes it to let the rest of the run go at full speed);
 ``test.straggler=R:MS`` slows rank R's down by MS milliseconds (a straggler for the parameter
 server's rules); ``test.data_sleep=R:MS`` makes rank R wait MS milliseconds for each training
-batch (a slow data path, for the monitor's straggler warning).
+batch (a slow data path, for the monitor's straggler warning); ``test.preimport=M1,M2`` imports
+those modules before training (torch imports ``torch._dynamo``, over a second of work, inside
+the first optimizer's construction: a rank silent that long at startup, for tests that time
+peers' silence).
 """
+import importlib
 import sys
 
 import torch
@@ -23,6 +27,8 @@ args = [a for a in sys.argv[1:] if not a.startswith("test.")]
 test_opts = dict(a[len("test."):].split("=", 1) for a in sys.argv[1:] if a.startswith("test."))
 cfg = load_config(None, args)
 rank = launcher_rank()
+for module in filter(None, test_opts.get("preimport", "").split(",")):
+    importlib.import_module(module)
 
 loss_fn = torch.nn.functional.cross_entropy
 if "fail_rank" in test_opts:
