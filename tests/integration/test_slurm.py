@@ -75,11 +75,15 @@ def test_a_warning_signal_stops_requeues_and_resumes_exactly(slurm, tmp_path):
     run that was never interrupted: no step trained twice or skipped."""
     program = [sys.executable, WORKER, "data.name=digits", "model.name=mlp", "model.hidden=[32]", "epochs=4",
                "checkpoint.every_epochs=0", "runtime.progress=false"]
-    # the reference needs no pause: test.step_sleep (every step of the batch job slowed, so the
-    # signal lands mid-run) is the test worker's, not the trainer's config, and changes no arithmetic
+    # the reference needs no pause: test.step_sleep (every step of the batch job slowed until it
+    # is stopped, so the signal lands mid-run) is the test worker's, not the trainer's config,
+    # and changes no arithmetic
     mpirun(2, program + [f"run_dir={tmp_path / 'whole'}"], timeout=180)
     run = tmp_path / "run"
-    job = BatchJob(program=program + ["test.step_sleep=0.02", f"run_dir={run}"], ntasks=2, time="00:10:00", output=str(tmp_path / "job.out"),
+    pause = tmp_path / "pause"  # the batch job's ranks pause at every step while it exists
+    pause.touch()
+    slow = ["test.step_sleep=0.02", f"test.pause_file={pause}"]
+    job = BatchJob(program=program + [*slow, f"run_dir={run}"], ntasks=2, time="00:10:00", output=str(tmp_path / "job.out"),
                    env={"PATH": f"{BIN}:/usr/bin:/bin", "OMPI_MCA_mpi_yield_when_idle": "1"},
                    requeue_on_preempt=True, signal_seconds=60)
     assert "#SBATCH --signal=B:USR1@60" in job.script()
@@ -96,6 +100,8 @@ def test_a_warning_signal_stops_requeues_and_resumes_exactly(slurm, tmp_path):
     while (state := _job_state(slurm, job_id)).get("JobState") != "COMPLETED":
         assert state.get("JobState") in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING"), (state, slurm.logs())
         assert time.monotonic() < deadline, (state, slurm.logs())
+        if pause.exists() and int(state.get("Restarts", 0)) >= 1:
+            pause.unlink()  # stopped and requeued: the resumed run needs no pause
         # A requeued job is held (Reason=BeginTime) for the cluster's cred_expire + 1 s, 6 s here.
         # The test must not cut that short with StartTime=now: slurmd then refuses the launch
         # ("Job already killed, do not launch batch job") whenever the new credential falls in
