@@ -136,13 +136,15 @@ def test_a_dead_or_stopped_peer_ends_the_job_with_its_name(tmp_path, victim, how
     # must stay well under ps.timeout_s. The longest by far is torch's import of torch._dynamo
     # inside a rank's first optimizer, at startup (1.7 s of silence seen here, 4 ranks on 2
     # cores; more than 4 s squeezed onto one core): the ranks import it before the job starts
-    # (test.preimport), which leaves stretches of 0.25 s here. 4x that for one core.
+    # (test.preimport), which leaves stretches of 0.25 s here; and no checkpoints, whose fsync
+    # can stall on a busy disk. 4x that for one core.
     timeout_s = 2.0 if usable_cores() >= 2 else 8.0
     # --enable-recovery and orte_abort_on_non_zero_status=0: mpirun will NOT tear the job down
     # when a rank dies or fails; the ranks must notice and leave by themselves
     cmd = mpirun_command(4, [sys.executable, REPORTER, sys.executable, WORKER, "strategy=ps", "data.name=digits",
-                             "epochs=200", f"ps.timeout_s={timeout_s}", "runtime.peer_timeout_s=0",
-                             "test.preimport=torch._dynamo", "runtime.progress=false", f"run_dir={tmp_path}"],
+                             "epochs=200", "checkpoint.every_epochs=0", f"ps.timeout_s={timeout_s}",
+                             "runtime.peer_timeout_s=0", "test.preimport=torch._dynamo", "runtime.progress=false",
+                             f"run_dir={tmp_path}"],
                          mca={"orte_abort_on_non_zero_status": "0"}, extra=["--enable-recovery"])
     with RunningJob(cmd, program_marker="worker.py") as job:
         ranks = job.ranks(4)
