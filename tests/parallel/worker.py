@@ -67,42 +67,47 @@ if "step_sleep" in test_opts:  # slow every step down, to act on the job while i
 
     loss_fn = slow_loss
 
-if "straggler" in test_opts:
+
+def delay_on_this_rank(key: str) -> float:
+    """``test.KEY=R:MS``: MS milliseconds (in seconds) on rank R, 0 elsewhere or unset."""
+    if key not in test_opts:
+        return 0.0
+    slow_rank, slow_ms = test_opts[key].split(":")
+    return float(slow_ms) / 1000.0 if rank == int(slow_rank) else 0.0
+
+
+if delay_on_this_rank("straggler"):
     import time
 
-    slow_rank, slow_ms = test_opts["straggler"].split(":")
-    if rank == int(slow_rank):
-        delay, plain = float(slow_ms) / 1000.0, loss_fn
+    delay, plain = delay_on_this_rank("straggler"), loss_fn
 
-        def straggling_loss(logits, y):
-            if torch.is_grad_enabled():  # training steps, not evaluation
-                time.sleep(delay)
-            return plain(logits, y)
+    def straggling_loss(logits, y):
+        if torch.is_grad_enabled():  # training steps, not evaluation
+            time.sleep(delay)
+        return plain(logits, y)
 
-        loss_fn = straggling_loss
+    loss_fn = straggling_loss
 
-if "data_sleep" in test_opts:
+if delay_on_this_rank("data_sleep"):
     import time
 
     import hvd_trainer.components as components
 
-    slow_rank, slow_ms = test_opts["data_sleep"].split(":")
-    if rank == int(slow_rank):
-        delay, make = float(slow_ms) / 1000.0, components.make_batches
+    pause_batch, make = delay_on_this_rank("data_sleep"), components.make_batches
 
-        def slow_batches(*a, **kw):
-            batches = make(*a, **kw)
-            epoch = batches.epoch
+    def slow_batches(*a, **kw):
+        batches = make(*a, **kw)
+        epoch = batches.epoch
 
-            def slow_epoch(*ea, **ekw):
-                for batch in epoch(*ea, **ekw):
-                    time.sleep(delay)
-                    yield batch
+        def slow_epoch(*ea, **ekw):
+            for batch in epoch(*ea, **ekw):
+                time.sleep(pause_batch)
+                yield batch
 
-            batches.epoch = slow_epoch
-            return batches
+        batches.epoch = slow_epoch
+        return batches
 
-        components.make_batches = slow_batches
+    components.make_batches = slow_batches
 
 
 def save_final_weights(trainer):
