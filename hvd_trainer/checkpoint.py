@@ -32,14 +32,15 @@ FORMAT = 1
 # optimizer state is its servers' shards), the rest from TrainState.
 SCHEMA: dict[str, type] = {
     "format": int,
-    "model": dict,            # the unwrapped model's state_dict (rank 0's BatchNorm buffers)
-    "optimizer": dict,        # the optimizer's state_dict, or the servers' shards for strategy=ps
+    "model": dict,            # the whole unwrapped model's state_dict (rank 0's BatchNorm buffers)
+    "optimizer": dict,        # the optimizer's state_dict; the servers' shards for strategy=ps; per
+                              # stage under pipeline stages ({"pipeline_stages": P, "stages": [...]})
     "scheduler": dict,        # LambdaLR state (the step count the lr schedule is at)
     "step": int,              # optimizer steps taken
     "epoch": int,             # completed epochs
     "batch_in_epoch": int,    # micro-batches this rank consumed in the current epoch, after epoch_offset
     "epoch_offset": int,      # samples of the epoch trained on before the ranks changed (elastic, resize)
-    "rng": list,              # every training rank's random streams, in dp_rank order
+    "rng": list,              # every training rank's random streams, in training-rank order
     "config": dict,           # the run's full config
     "world_size": int,        # ranks of the run that wrote it
     "strategy": str,          # strategy of the run that wrote it

@@ -13,7 +13,7 @@ from .config import CheckpointConfig, ConfigError, OptimConfig
 from .output import Output
 from .runtime.errors import NonFiniteError
 from .state import TrainState
-from .strategies.base import NonFiniteGradient, Strategy, unwrap
+from .strategies.base import NonFiniteGradient, Strategy
 
 
 class CheckpointManager:
@@ -46,12 +46,12 @@ class CheckpointManager:
         """BN buffers are rank 0's, RNG streams every rank's; rank 0 writes."""
         if not self.sync_batchnorm:
             self.strategy.broadcast_buffers(st.model)
-        floats = [t for t in unwrap(st.model).state_dict().values() if t.is_floating_point()]
+        payload = st.state_dict()  # the whole model on every rank, also from pipeline stages
+        floats = [t for t in payload["model"].values() if torch.is_tensor(t) and t.is_floating_point()]
         if floats and not bool(torch.isfinite(torch.nn.utils.get_total_norm(floats))):
             # never let NaN weights replace good checkpoints (keep prunes the oldest)
             raise NonFiniteError(f"step {st.step}: the weights hold NaN or infinity; "
                                  f"refusing to checkpoint them{self.last_good()}")
-        payload = st.state_dict()
         if self.strategy.rank == 0:
             self.out.log_rank(f"checkpoint {self.files.save(payload)}")
         self.saved_step = st.step

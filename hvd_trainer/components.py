@@ -99,7 +99,7 @@ def build_state(cfg: TrainConfig, strategy: Strategy, model: nn.Module, steps_pe
     s = strategy
     if cfg.model.sync_batchnorm:
         model = s.sync_batchnorm(model)
-    model = model.to(s.device)
+    model = s.executor.stage_of(model).to(s.device)  # a pipeline stage keeps only its blocks
     optimizer = build_optimizer(model.parameters(), cfg.optim, s.lr_ranks)
     plan = StepPlan(cfg.optim.accumulation_steps, steps_per_epoch, cfg.epochs)
     model, optimizer = s.prepare(model, optimizer, plan)
@@ -138,8 +138,10 @@ class Evaluator:
         sums = torch.zeros(3, dtype=torch.float64)
         for batch in self.data.eval_batches(max(256, self.cfg.batch_size)):
             x, y = to_device(batch)
-            with s.precision.autocast():
-                logits = model(x).float()
+            logits = s.executor.infer(model, x, s.precision)
+            if logits is None:  # a pipeline stage before the last: the last one scores
+                continue
+            logits = logits.float()
             sums += torch.tensor([float(self.loss_fn(logits, y)) * len(y),
                                   float((logits.argmax(1) == y).sum()), float(len(y))], dtype=torch.float64)
         model.train()

@@ -70,6 +70,7 @@ class Reporter:
         self.cfg, self.strategy, self.out, self.monitor = cfg, strategy, out, monitor
         self.metrics = RunMetrics()
         self.t_start = time.perf_counter()
+        self.layout: list[str] = []  # which rank holds which pipeline stage (none without stages)
 
     def global_batch_size(self) -> int:
         return self.cfg.batch_size * self.cfg.optim.accumulation_steps * self.strategy.dp_size
@@ -86,6 +87,13 @@ class Reporter:
         self.out.print(f"  precision={c.optim.precision}  recompute={str(c.model.recompute).lower()}  "
                        + "  ".join(f"data.{k}={v}" for k, v in data_info.items() if "shards" not in k))
         self.out.print("  " + "  ".join(f"{k}={v}" for k, v in s.settings().items()))
+        self.layout = s.executor.describe()  # collective under pipeline stages
+        if self.layout:
+            p = c.parallel
+            self.out.print(f"  pipeline: {p.pipeline_stages} stages x {s.dp_size} replicas, {p.microbatches} "
+                           f"microbatches per batch, schedule {p.schedule}")
+            for line in self.layout:
+                self.out.print(f"  {line}")
 
     def epoch_meter(self, steps: int, first: int, epoch: int) -> EpochMeter:
         return EpochMeter(self, steps, first, epoch)
@@ -98,8 +106,10 @@ class Reporter:
         m.epoch_seconds = seconds if whole_epoch else None
         totals = self.strategy.allreduce(torch.tensor([float(meter.loss_sum), float(meter.count)],
                                                       dtype=torch.float64), op="sum")
-        m.samples_seen += int(totals[1])
-        m.epoch_samples = int(totals[1])
+        # every stage of a pipeline counts its replica's samples
+        samples = int(totals[1]) // self.strategy.layout.stages
+        m.samples_seen += samples
+        m.epoch_samples = samples
         m.last_train_loss = float(totals[0] / max(1.0, float(totals[1])))
 
     def epoch_row(self, st: TrainState, evaluation: dict[str, float]) -> None:
@@ -138,6 +148,7 @@ class Reporter:
             "skipped_steps": m.skipped_steps, "settings": s.settings(), **s.counters(),
             "precision": self.cfg.optim.precision, "fp16_overflow_steps": s.precision.overflow_steps,
             "recompute": self.cfg.model.recompute, "data": data_info, **extra,
+            "parallel": {**self.cfg.parallel.model_dump(), "replicas": s.dp_size, "layout": self.layout},
             **self.monitor.summary(),  # rank 0's: the time breakdown per rank, stragglers
         }
         summary = s.broadcast_object(summary)

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from .config import ConfigError, TrainConfig, check_agreement
 from .data.validation import BadSample
 from .execution import LossFn
+from .parallel.executor import check_pipeline, make_executor
 from .runtime.control import ControlPlane, open_control_plane
 from .runtime.errors import NonFiniteError, Preempted
 from .runtime.launch_env import abort_job, apply_mpi_defaults, launched_by_mpi
@@ -52,12 +53,15 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Op
     control: Optional[ControlPlane] = None
 
     def teardown(reason: Optional[str] = None) -> None:
+        strategy.executor.close()
         strategy.shutdown(reason=reason)
         if control is not None:  # after the strategy: a PS server finishes once the workers left
             control.close()
 
     try:
         type(strategy).check(cfg, strategy.size)
+        check_pipeline(cfg, strategy.size, type(strategy).pipelines)
+        strategy.executor = make_executor(cfg, strategy)
         duty = strategy.role()
         control = open_control_plane(size=strategy.size, is_training=duty is None,
                                      peer_timeout_s=cfg.runtime.peer_timeout_s,

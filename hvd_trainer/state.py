@@ -51,17 +51,18 @@ class TrainState:
         """Restore from a validated payload (every training rank, the same payload). Returns a
         note for the user when something could not be restored exactly, else None."""
         s = self.strategy
-        old_ranks = s.check_checkpoint(payload["strategy"], int(payload["world_size"]))
+        # replicas of the run that wrote it (a checkpoint of other pipeline stages is refused below)
+        old_ranks = s.check_checkpoint(payload["strategy"], int(payload["world_size"])) // s.layout.stages
         s.load_checkpoint_state(self.model, self.optimizer, payload)
         self.scheduler.load_state_dict(payload["scheduler"])
         s.precision.load_state_dict(payload["precision"])
         self.step, self.epoch, self.batch_in_epoch, self.epoch_offset = (
             int(payload[k]) for k in ("step", "epoch", "batch_in_epoch", "epoch_offset"))
         self.rebase(old_ranks, s.dp_size)
-        if len(payload["rng"]) == s.dp_size:
-            rng.restore(payload["rng"][s.dp_rank])
+        if len(payload["rng"]) == s.train_size:
+            rng.restore(payload["rng"][s.rank])
             return None
-        return (f"the checkpoint has {len(payload['rng'])} ranks' random streams, this run {s.dp_size}: "
+        return (f"the checkpoint has {len(payload['rng'])} ranks' random streams, this run {s.train_size}: "
                 f"random streams restart (weights and position are exact)")
 
     def snapshot(self) -> dict[str, Any]:

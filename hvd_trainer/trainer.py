@@ -24,6 +24,7 @@ from .execution import LossFn
 from .models import count_parameters
 from .monitor.monitor import Monitor
 from .output import Output
+from .parallel.stages import model_shapes
 from .reporting import Reporter
 from .runtime.control import ControlPlane, StopSignals
 from .runtime.errors import Preempted
@@ -141,7 +142,7 @@ class Trainer:
     def _check_agreement(self) -> None:
         """What the config cannot show must agree too (a model or data set given through the
         Python API): one small collective, the same verdict on every rank."""
-        view = {"model": {name: list(t.shape) for name, t in unwrap(self.state.model).state_dict().items()},
+        view = {"model": model_shapes(unwrap(self.state.model)),
                 "data": {"train_samples": self.data.global_len("train"), "test_samples": self.data.global_len("test"),
                          "steps_per_epoch": self.data.steps_per_epoch}}
         check_agreement(self.strategy.allgather_object(view), "model or data set")

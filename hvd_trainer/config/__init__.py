@@ -12,8 +12,8 @@ verdict before any collective is entered.
 from .loading import (BUILTIN, check_agreement, first_difference, from_dict, load_config, parse_overrides,
                       replace)
 from .sections import (INT_LIMIT, CheckpointConfig, ConfigError, DataConfig, DDPConfig, HorovodConfig,
-                       ModelConfig, OptimConfig, PSConfig, RuntimeConfig, TrainConfig)
+                       ModelConfig, OptimConfig, ParallelConfig, PSConfig, RuntimeConfig, TrainConfig)
 
 __all__ = ["BUILTIN", "INT_LIMIT", "CheckpointConfig", "ConfigError", "DDPConfig", "DataConfig", "HorovodConfig",
-           "ModelConfig", "OptimConfig", "PSConfig", "RuntimeConfig", "TrainConfig", "check_agreement",
+           "ModelConfig", "OptimConfig", "ParallelConfig", "PSConfig", "RuntimeConfig", "TrainConfig", "check_agreement",
            "first_difference", "from_dict", "load_config", "parse_overrides", "replace"]

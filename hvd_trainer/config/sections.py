@@ -187,6 +187,20 @@ class DDPConfig(_Section):
     """Rendezvous port on rank 0's host (0: rank 0 picks a free one and tells the others)."""
 
 
+class ParallelConfig(_Section):
+    pipeline_stages: int = Field(1, ge=1, le=1024)
+    """Pipeline stages P: the model is cut into P stages of consecutive blocks, one per rank, and
+    the ranks form world/P replicas of the pipeline (strategies horovod and ddp)."""
+    microbatches: int = Field(1, ge=1, le=4096)
+    """Pieces each batch is split into, flowing through the stages one after another: the
+    pipeline's bubble is (P-1)/(microbatches+P-1) of a step."""
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    """Order of the passes on a stage: every forward then every backward (``gpipe``), or one
+    forward one backward once the pipe is full (``1f1b``: the same bubble, fewer activations held)."""
+    cuts: Optional[list[str]] = None
+    """Names of the blocks where stages 1..P-1 begin (default: balanced by parameter count)."""
+
+
 class PSConfig(_Section):
     num_servers: int = Field(1, ge=1)
     """Ranks that serve parameter shards; the rest are workers."""
@@ -229,6 +243,7 @@ class TrainConfig(_Section):
     horovod: HorovodConfig = Field(default_factory=HorovodConfig)
     ddp: DDPConfig = Field(default_factory=DDPConfig)
     ps: PSConfig = Field(default_factory=PSConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
@@ -243,6 +258,11 @@ class TrainConfig(_Section):
                 raise _FieldError("optim.precision", "fp16 is not supported with horovod.op=adasum; use bf16")
             if not _cuda_available():
                 raise _FieldError("optim.precision", "fp16 needs a CUDA GPU (none here); use bf16 on CPU")
+        if self.parallel.pipeline_stages > 1 and self.model.sync_batchnorm:
+            raise _FieldError("model.sync_batchnorm", "not supported with parallel.pipeline_stages > 1")
+        if self.parallel.cuts is not None and len(self.parallel.cuts) != self.parallel.pipeline_stages - 1:
+            raise _FieldError("parallel.cuts", f"{self.parallel.pipeline_stages} stages need "
+                                               f"{self.parallel.pipeline_stages - 1} cut points")
         if self.horovod.op == "adasum" and self.optim.lr_scaling == "linear":
             raise _FieldError("optim.lr_scaling",
                              "Adasum on CPU takes no linear lr scaling: use none (or sqrt)")

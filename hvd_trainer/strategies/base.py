@@ -25,6 +25,7 @@ from torch import nn
 from ..config import ConfigError, TrainConfig
 from ..execution import LocalExecutor, LossFn, StepExecutor
 from ..monitor.phases import StepPhases
+from ..parallel.layout import Layout
 from ..precision import Precision
 
 
@@ -58,6 +59,7 @@ class Strategy(ABC):
     of a step (forward and backward), the strategy the exchange of gradients."""
 
     name: str = "base"
+    pipelines: bool = False  # whether the replicas of a pipeline stage can exchange through it
     rank: int = 0
     size: int = 1
     local_rank: int = 0
@@ -110,14 +112,25 @@ class Strategy(ABC):
 
     # --- data-parallel view ------------------------------------------------------------------------
     @property
+    def layout(self) -> Layout:
+        """Which rank holds which pipeline stage of which replica (one stage: every rank a replica)."""
+        return Layout(self.size, self.cfg.parallel.pipeline_stages if self.pipelines else 1)
+
+    @property
     def dp_rank(self) -> int:
-        """Index of this rank among the training ranks."""
-        return self.rank
+        """Index of this rank's replica (the data it trains on) among the data-parallel replicas."""
+        return self.layout.replica_of(self.rank)
 
     @property
     def dp_size(self) -> int:
-        """Number of training ranks."""
-        return self.size
+        """Number of data-parallel replicas."""
+        return self.layout.replicas
+
+    @property
+    def train_size(self) -> int:
+        """Number of training ranks: replicas times pipeline stages. The training ranks are
+        ranks 0..train_size-1, and object collectives return theirs in that order."""
+        return self.dp_size * self.layout.stages
 
     @property
     def lr_ranks(self) -> int:
@@ -155,16 +168,18 @@ class Strategy(ABC):
         """Copy ``root_rank``'s buffers (BatchNorm statistics) to every training rank."""
 
     def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The ``model`` and ``optimizer`` entries of a checkpoint (collective)."""
-        return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
+        """The ``model`` and ``optimizer`` entries of a checkpoint (collective): the whole model,
+        also when this rank holds one pipeline stage of it."""
+        return self.executor.checkpoint_parts(unwrap(model), optimizer.state_dict())
 
     def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                               payload: dict[str, Any]) -> None:
         """Load what :meth:`checkpoint_state` wrote (every training rank, the same payload).
         Raises :class:`ConfigError` when it does not fit this run's model or strategy."""
         try:
-            unwrap(model).load_state_dict(payload["model"])
-            optimizer.load_state_dict(payload["optimizer"])
+            model_state, optimizer_state = self.executor.own_state(unwrap(model), payload)
+            unwrap(model).load_state_dict(model_state)
+            optimizer.load_state_dict(optimizer_state)
         except (RuntimeError, ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"checkpoint: written for another model or optimizer ({first})") from None
@@ -186,7 +201,7 @@ class Strategy(ABC):
 
     @abstractmethod
     def allgather_object(self, obj: Any) -> list[Any]:
-        """Every training rank's ``obj`` (picklable, small), in dp_rank order."""
+        """Every training rank's ``obj`` (picklable, small), in training-rank order."""
 
     @abstractmethod
     def broadcast_object(self, obj: Any, root_rank: int = 0) -> Any:
@@ -213,18 +228,22 @@ class NonFiniteGradient(RuntimeError):
 
 
 def checked_update(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
-                   precision: Optional[Precision] = None) -> None:
+                   precision: Optional[Precision] = None, norm_of: Optional[Callable] = None) -> None:
     """Clip (if asked) and step on gradients every rank holds alike, unless they are not finite.
     One read of the gradients (the norm); clipping computes it anyway. With fp16's scaler the
     gradients are unscaled first, and an overflow skips the step (every rank alike) instead of
-    raising: lowering the scale is the scaler's normal business."""
+    raising: lowering the scale is the scaler's normal business.
+    ``norm_of(grads)``: the norm of the whole model's gradient (a pipeline stage holds a part)."""
     if precision is not None:
         precision.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    grads = [p.grad for p in params]
+    if norm_of is None:
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
     else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        norm = norm_of(grads)
+    if grad_clip > 0 and params:
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
     finite = bool(torch.isfinite(norm))
     if precision is not None and precision.handles_overflow:  # fp16 on CUDA: not exercised here
         precision.step(optimizer, finite)

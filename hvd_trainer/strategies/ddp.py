@@ -112,7 +112,7 @@ class DDPStrategy(Strategy):
         self.phases.lap("compute", at=self.bucket_ready)
         self.phases.lap("exchange")
         # after backward, every rank holds the average (fp16: unscaled, then checked)
-        checked_update(model, optimizer, grad_clip, self.precision)
+        checked_update(model, optimizer, grad_clip, self.precision, self.executor.grad_norm)
         self.phases.lap("optimizer")
         return loss
 

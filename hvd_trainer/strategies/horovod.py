@@ -21,6 +21,7 @@ from .. import syncbn
 from ..config import ConfigError, HorovodConfig, TrainConfig
 from ..runtime.launch_env import apply_mpi_defaults, apply_torch_defaults
 from ..execution import LossFn
+from ..parallel.layout import Layout
 from .base import NonFiniteGradient, StepPlan, Strategy, average_op, checked_update, threads_per_rank, unwrap
 
 # With the patched build (scripts/horovod-wake-on-wait.patch) a wait for a result starts a
@@ -84,12 +85,14 @@ def apply_stall_env(peer_timeout_s: float, environ: Optional[dict] = None) -> di
 
 class HorovodStrategy(Strategy):
     name = "horovod"
+    pipelines = True  # the replicas of a stage reduce over a Horovod process set
 
     def __init__(self, cfg: TrainConfig, precision=None, executor=None) -> None:
         super().__init__(cfg, precision, executor)
         self.hcfg = cfg.horovod
         self._env: dict[str, Any] = {}
         self.hvd = None
+        self.replica_set = None  # the process set of this rank's stage replicas (all ranks: the global set)
 
     @classmethod
     def check(cls, cfg: TrainConfig, world_size: int) -> None:
@@ -101,6 +104,8 @@ class HorovodStrategy(Strategy):
                               "update is reduced inside the step)")
         if cfg.horovod.op == "adasum" and cfg.optim.nonfinite == "skip":
             raise ConfigError("optim.nonfinite: skip is not supported with horovod.op=adasum: use stop")
+        if cfg.parallel.pipeline_stages > 1 and cfg.horovod.op == "adasum":
+            raise ConfigError("horovod.op: adasum is not supported with parallel.pipeline_stages > 1")
 
     def init(self) -> None:
         self._env = apply_horovod_env(self.hcfg, cpu=not torch.cuda.is_available())
@@ -110,14 +115,33 @@ class HorovodStrategy(Strategy):
             import horovod.torch as hvd
         except ImportError as err:
             raise RuntimeError(f"horovod.torch is not importable ({err}); run scripts/install.sh") from None
-        hvd.init()
+        sets = self._stage_sets(hvd)
+        hvd.init(process_sets=sets or None)
         self.hvd = hvd
         self.rank, self.size = hvd.rank(), hvd.size()
+        self.replica_set = sets[self.layout.stage_of(self.rank)] if sets else hvd.global_process_set
         self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
         if torch.cuda.is_available():  # GPU path: one device per local rank (not exercised here)
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
         torch.set_num_threads(threads_per_rank(self.cfg.runtime.threads, self.local_size))
+
+    def _stage_sets(self, hvd) -> list:
+        """One process set per pipeline stage, holding its replicas; registered at init, by
+        every rank alike (none without pipeline stages)."""
+        stages = self.cfg.parallel.pipeline_stages if self.pipelines else 1
+        if stages == 1:
+            return []
+        from ..runtime.launch_env import launched_by_mpi
+        if not launched_by_mpi():
+            raise ConfigError("parallel.pipeline_stages: pipeline stages need an MPI launcher (mpirun, srun)")
+        from mpi4py import MPI
+
+        world = MPI.COMM_WORLD.Get_size()
+        if world % stages:  # check() names it, before any collective
+            return []
+        layout = Layout(world, stages)
+        return [hvd.ProcessSet(layout.stage_group(s)) for s in range(stages)]
 
     def shutdown(self, reason: Optional[str] = None) -> None:
         if self.hvd is not None:
@@ -129,8 +153,9 @@ class HorovodStrategy(Strategy):
         op = hvd.Adasum if self.hcfg.op == "adasum" else hvd.Average
         optimizer = hvd.DistributedOptimizer(
             optimizer, named_parameters=model.named_parameters(), compression=compression,
-            backward_passes_per_step=plan.accumulation_steps, op=op,
-            gradient_predivide_factor=self.hcfg.gradient_predivide_factor, groups=self.hcfg.groups)
+            backward_passes_per_step=self.executor.backward_passes(plan.accumulation_steps), op=op,
+            gradient_predivide_factor=self.hcfg.gradient_predivide_factor, groups=self.hcfg.groups,
+            process_set=self.replica_set)
         return model, optimizer
 
     def sync_batchnorm(self, model: nn.Module) -> nn.Module:
@@ -158,31 +183,55 @@ class HorovodStrategy(Strategy):
         optimizer.synchronize()
         self.phases.lap("exchange")
         with optimizer.skip_synchronize():
-            checked_update(model, optimizer, grad_clip, self.precision)
+            checked_update(model, optimizer, grad_clip, self.precision, self.executor.grad_norm)
         self.phases.lap("optimizer")
         return loss
 
+    # With pipeline stages, ``root_rank`` is a replica: each stage takes its own replica's
+    # copy, over the stage's process set (Horovod's root is a global rank there too).
+    def _stage_root(self, root_rank: int) -> int:
+        return self.layout.rank_of(root_rank, self.layout.stage_of(self.rank))
+
+    def _broadcast_tensors(self, tensors: dict[str, torch.Tensor], root_rank: int) -> None:
+        if self.layout.stages == 1:
+            self.hvd.broadcast_parameters(tensors, root_rank=root_rank)
+            return
+        root = self._stage_root(root_rank)
+        handles = [self.hvd.broadcast_async_(t, root, name=f"stage.bcast.{name}", process_set=self.replica_set)
+                   for name, t in sorted(tensors.items())]
+        for h in handles:
+            self.hvd.synchronize(h)
+
     def broadcast_parameters(self, model, root_rank: int = 0) -> None:
-        self.hvd.broadcast_parameters(unwrap(model).state_dict(), root_rank=root_rank)
+        self._broadcast_tensors(unwrap(model).state_dict(), root_rank)
 
     def broadcast_optimizer_state(self, optimizer, root_rank: int = 0) -> None:
         # A fresh optimizer has no state on any rank, and Horovod would create it with a
         # zero-gradient step (advancing Adam's step count, applying weight decay): skip it then.
         # (Every rank agrees: after a resume all have state, before one none has.)
-        if optimizer.state_dict()["state"]:
+        if not optimizer.state_dict()["state"]:
+            return
+        if self.layout.stages == 1:
             self.hvd.broadcast_optimizer_state(optimizer, root_rank=root_rank)
+            return
+        optimizer.load_state_dict(self.hvd.broadcast_object(
+            optimizer.state_dict(), root_rank=self._stage_root(root_rank), name="stage.optimizer_state",
+            process_set=self.replica_set))
 
     def broadcast_buffers(self, model: nn.Module, root_rank: int = 0) -> None:
         buffers = dict(unwrap(model).named_buffers())
-        if buffers and self.size > 1:
-            self.hvd.broadcast_parameters(buffers, root_rank=root_rank)
+        if buffers and self.dp_size > 1:
+            self._broadcast_tensors(buffers, root_rank)
 
     def barrier(self) -> None:
         self.hvd.barrier()
 
     def allreduce(self, tensor, op: str = "average"):
         hvd = self.hvd
-        return hvd.allreduce(tensor, op=hvd.Average if average_op(op) else hvd.Sum)
+        # named: an unnamed op is named by its handle, and the stages of a pipeline issue
+        # different numbers of (process-set) ops, so the handles of one world op would differ
+        name = f"hvd_trainer.allreduce.{op}.{tensor.dtype}.{'x'.join(map(str, tensor.shape))}"
+        return hvd.allreduce(tensor, op=hvd.Average if average_op(op) else hvd.Sum, name=name)
 
     def allgather_object(self, obj):
         return self.hvd.allgather_object(obj)

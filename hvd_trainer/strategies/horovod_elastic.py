@@ -26,6 +26,7 @@ from .horovod import HorovodStrategy
 
 
 class ElasticHorovodStrategy(HorovodStrategy):
+    pipelines = False  # ranks come and go: a pipeline would lose a stage
     name = "horovod"
 
     def __init__(self, cfg, precision=None, executor=None) -> None:

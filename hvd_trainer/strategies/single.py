@@ -35,7 +35,7 @@ class SingleProcessStrategy(Strategy):
         optimizer.zero_grad()
         loss = self.executor.forward_backward(model, micro_batches, loss_fn, self.precision)
         self.phases.lap("compute")
-        checked_update(model, optimizer, grad_clip, self.precision)
+        checked_update(model, optimizer, grad_clip, self.precision, self.executor.grad_norm)
         self.phases.lap("optimizer")
         return loss
 
