@@ -94,16 +94,23 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["mlp", "resnet"] = "mlp"
-    """Built-in model: a multi-layer perceptron or a small ResNet-style CNN (with BatchNorm)."""
+    name: Literal["mlp", "resnet", "transformer"] = "mlp"
+    """Built-in model: a multi-layer perceptron, a small ResNet-style CNN (with BatchNorm), or
+    a GPT-style decoder-only causal language model over token sequences (``data.name: text``)."""
     hidden: list[int] = Field(default_factory=lambda: [128, 64])
     """MLP hidden layer widths."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """MLP dropout probability."""
+    """Dropout probability (MLP, transformer)."""
     channels: list[int] = Field(default_factory=lambda: [32, 64, 128])
     """ResNet stage widths; each stage after the first halves the resolution."""
     blocks_per_stage: int = Field(1, ge=1)
     """ResNet residual blocks in each stage."""
+    layers: int = Field(2, ge=1)
+    """Transformer blocks."""
+    heads: int = Field(4, ge=1)
+    """Transformer attention heads; ``width`` must be a multiple of it."""
+    width: int = Field(128, ge=1)
+    """Transformer embedding width (the MLP inside each block is 4x as wide)."""
     sync_batchnorm: bool = False
     """Use synchronous BatchNorm across ranks; otherwise rank 0's BN buffers are broadcast
     before evaluation and checkpointing."""
@@ -115,6 +122,8 @@ class ModelConfig(_Section):
     def _check(self) -> "ModelConfig":
         if self.recompute and self.sync_batchnorm:  # a recomputed forward would allreduce again in backward
             raise _FieldError("recompute", "not supported with model.sync_batchnorm")
+        if self.width % self.heads:
+            raise _FieldError("width", f"must be a multiple of model.heads ({self.heads}), got {self.width}")
         return self
 
 
