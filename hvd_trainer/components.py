@@ -28,16 +28,17 @@ class RunData:
         self.cfg, self.strategy = cfg, strategy
         self.input_shape: Optional[tuple[int, ...]] = None
         self.num_classes = 0
+        info = {}
         if train is None or test is None:
             splits = build_splits(cfg.data, cfg.seed)
             train, test = splits.train, splits.test
-            self.input_shape, self.num_classes = splits.input_shape, splits.num_classes
+            self.input_shape, self.num_classes, info = splits.input_shape, splits.num_classes, splits.info
         # rank-local data sets (shards): each rank opens its own part; one small allgather
         bind_rank_local((train, test), strategy.dp_rank, strategy.dp_size, strategy.allgather_object)
         check_finite(train, "train_data")
         check_finite(test, "test_data")
         self.train, self.test = train, test
-        self.info = data_summary(train, test, cfg.data)
+        self.info = {**data_summary(train, test, cfg.data), **info}
         self._eval_loader = None
         self.batches = None  # shard() deals them, once the model is built
 

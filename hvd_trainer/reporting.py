@@ -85,7 +85,7 @@ class Reporter:
                        f"{c.optim.accumulation_steps} x {s.dp_size} ranks)  steps/epoch={steps_per_epoch}  "
                        f"lr={c.optim.lr:g} -> {lr:g} ({c.optim.lr_scaling})  threads/rank={torch.get_num_threads()}")
         self.out.print(f"  precision={c.optim.precision}  recompute={str(c.model.recompute).lower()}  "
-                       + "  ".join(f"data.{k}={v}" for k, v in data_info.items() if "shards" not in k))
+                       + "  ".join(f"data.{k}={v}" for k, v in data_info.items() if not isinstance(v, list)))
         self.out.print("  " + "  ".join(f"{k}={v}" for k, v in s.settings().items()))
         self.layout = s.executor.describe()  # collective under pipeline stages
         if self.layout:

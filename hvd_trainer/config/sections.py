@@ -13,14 +13,16 @@ from .run import CheckpointConfig, RuntimeConfig
 
 
 class DataConfig(_Section):
-    name: Literal["digits", "synthetic", "npz", "shards", "images"] = "digits"
+    name: Literal["digits", "synthetic", "npz", "shards", "images", "text"] = "digits"
     """Data set: the digits set scikit-learn ships, seeded synthetic data, a user's .npz, a
-    glob of .npz shards (each rank opens only its own), or a folder of class subfolders of
-    PNG/JPEG images (decoded in the loader's workers)."""
+    glob of .npz shards (each rank opens only its own), a folder of class subfolders of
+    PNG/JPEG images (decoded in the loader's workers), or plain text as byte tokens (a language
+    model's next-byte targets)."""
     path: Optional[str] = None
     """For ``npz``: a file with x_train, y_train, x_test, y_test (or x, y split by test_fraction).
     For ``shards``: a glob of training shards, each an .npz with ``x`` and ``y``. For ``images``:
-    the root folder, one subfolder per class."""
+    the root folder, one subfolder per class. For ``text``: a glob of text files, read in sorted
+    order and concatenated (default: the ``.py`` sources of Python's standard library)."""
     test_path: Optional[str] = None
     """For ``shards``: a glob of held-out shards (required). For ``images``: a root folder of
     held-out images (default: split the training folder by test_fraction)."""
@@ -56,6 +58,11 @@ class DataConfig(_Section):
     summary (``skip``)."""
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     """Held-out share when the data set has no test split of its own."""
+    seq_len: int = Field(64, ge=1)
+    """For ``text``: tokens per sample; the text is cut into non-overlapping windows of
+    seq_len + 1 bytes (inputs, and the same bytes shifted by one as targets)."""
+    text_bytes: int = Field(1_000_000, ge=0)
+    """For ``text``: read at most this many bytes of the files (0: all of them)."""
     synthetic_samples: int = Field(2048, ge=2)
     """For ``synthetic``: number of samples (train + test)."""
     synthetic_shape: list[int] = Field(default_factory=lambda: [3, 32, 32])
@@ -86,6 +93,9 @@ class DataConfig(_Section):
                 root = getattr(self, key)
                 if (key == "path" and not root) or (root and not Path(root).is_dir()):
                     raise _FieldError(key, f"data.name=images needs a folder of class subfolders, got {root}")
+        if self.name == "text" and self.path and not any(
+                Path(p).is_file() for p in glob.glob(self.path, recursive=True)):
+            raise _FieldError("path", f"no file matches {self.path}")
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise _FieldError("image_size", f"expected [height, width], got {self.image_size}")
         if any(d < 1 for d in self.synthetic_shape) or not self.synthetic_shape:

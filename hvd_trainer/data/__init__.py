@@ -3,6 +3,7 @@
     validation  the leaf: checks of arrays and tensors, unreadable samples (BadSample)
     sharding    which samples each rank gets (ShardedBatches, eval slices, shard assignment)
     datasets    data sets users have (ImageFolder, NpzShards) and writers for tests
+    text        plain text as byte tokens, and its unigram baseline
     sources     the built-in sources and build_splits
     workers     how loader worker processes start
     samples     what a worker does per batch: per-sample seeds, unreadable samples set aside

@@ -1,6 +1,6 @@
 """The built-in data sources: the digits set scikit-learn ships, seeded synthetic arrays and a
 user's .npz, split into train and test (:func:`build_splits`); folders of images and globs of
-shards come from :mod:`hvd_trainer.data.datasets`.
+shards come from :mod:`hvd_trainer.data.datasets`, byte-level text from :mod:`hvd_trainer.data.text`.
 
 Every rank builds the same splits from the same config and seed; how they are dealt to ranks is
 :mod:`hvd_trainer.data.sharding`'s business.
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +19,20 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..config import ConfigError, DataConfig
 from .datasets import build_images, build_shards
+from .text import VOCAB, build_text
 from .validation import check_arrays
 
 
 @dataclass(frozen=True)
 class Splits:
     """Train and test sets; ``input_shape``/``num_classes`` are ``()``/0 where the data sets tell
-    their own (images, shards)."""
+    their own (images, shards). ``info``: what the summary should say about them."""
 
     train: Dataset
     test: Dataset
     input_shape: tuple[int, ...]
     num_classes: int
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
@@ -88,6 +91,9 @@ def build_splits(cfg: DataConfig, seed: int) -> Splits:
     if cfg.name in ("images", "shards"):
         train, test = build_images(cfg, seed) if cfg.name == "images" else build_shards(cfg)
         return Splits(train, test, (), 0)  # shape and classes: from the data sets themselves
+    if cfg.name == "text":
+        train, test, info = build_text(cfg)
+        return Splits(train, test, (cfg.seq_len,), VOCAB, info)
     if cfg.name == "digits":
         x, y = load_digits_arrays()
         return _tensors(*_split(x, y, cfg.test_fraction, seed))
