@@ -125,7 +125,8 @@ def scale_lr(st: TrainState, cfg: TrainConfig, strategy: Strategy) -> None:
 
 
 class Evaluator:
-    """Each rank scores a disjoint, unpadded slice; the sums count every sample once."""
+    """Each rank scores a disjoint, unpadded slice; the sums count every sample once. Loss and
+    accuracy are per target (per token for a language model's (B, T) targets)."""
 
     def __init__(self, cfg: TrainConfig, strategy: Strategy, data: RunData, loss_fn: LossFn) -> None:
         self.cfg, self.strategy, self.data, self.loss_fn = cfg, strategy, data, loss_fn
@@ -136,16 +137,19 @@ class Evaluator:
         if not self.cfg.model.sync_batchnorm:
             s.broadcast_buffers(model)
         model.eval()
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64)
         for batch in self.data.eval_batches(max(256, self.cfg.batch_size)):
             x, y = to_device(batch)
             logits = s.executor.infer(model, x, s.precision)
             if logits is None:  # a pipeline stage before the last: the last one scores
                 continue
             logits = logits.float()
-            sums += torch.tensor([float(self.loss_fn(logits, y)) * len(y),
-                                  float((logits.argmax(1) == y).sum()), float(len(y))], dtype=torch.float64)
+            sums += torch.tensor([float(self.loss_fn(logits, y)) * y.numel(), float((logits.argmax(1) == y).sum()),
+                                  float(y.numel()), float(len(y))], dtype=torch.float64)
         model.train()
         total = s.allreduce(sums, op="sum")
-        return {"test_loss": float(total[0] / total[2]), "test_accuracy": float(total[1] / total[2]),
-                "test_samples": int(total[2])}
+        out = {"test_loss": float(total[0] / total[2]), "test_accuracy": float(total[1] / total[2]),
+               "test_samples": int(total[3])}
+        if self.cfg.data.name == "text":
+            out["test_perplexity"] = float(torch.tensor(out["test_loss"], dtype=torch.float64).exp())
+        return out

@@ -126,7 +126,9 @@ class Reporter:
         self.out.metrics(record)
         self.out.print(f"epoch {st.epoch:>3}  step {st.step:>6}  train_loss {m.last_train_loss:.4f}  "
                        f"test_loss {evaluation['test_loss']:.4f}  "
-                       f"test_acc {100 * evaluation['test_accuracy']:.2f}%  {m.samples_per_sec:.0f} samples/s  "
+                       f"test_acc {100 * evaluation['test_accuracy']:.2f}%  "
+                       + (f"test_ppl {evaluation['test_perplexity']:.3f}  " if "test_perplexity" in evaluation else "")
+                       + f"{m.samples_per_sec:.0f} samples/s  "
                        + compact(record.get("time", {})))
 
     def summary(self, st: TrainState, n_params: int, data_info: dict[str, Any],
@@ -140,6 +142,7 @@ class Reporter:
             "final_train_loss": m.last_train_loss,
             "final_test_loss": m.last_eval.get("test_loss"),
             "final_test_accuracy": m.last_eval.get("test_accuracy"),
+            **({"final_test_perplexity": m.last_eval["test_perplexity"]} if "test_perplexity" in m.last_eval else {}),
             "samples_per_sec": m.samples_per_sec,
             "train_seconds": m.train_seconds,
             "wall_seconds": time.perf_counter() - self.t_start,
@@ -155,7 +158,7 @@ class Reporter:
         self.out.summary(summary)
         self.out.print("summary: " + "  ".join(f"{k}={_fmt(summary[k])}" for k in (
             "strategy", "world_size", "epochs", "global_batch_size", "final_train_loss",
-            "final_test_accuracy", "samples_per_sec", "wall_seconds")))
+            "final_test_accuracy", "final_test_perplexity", "samples_per_sec", "wall_seconds") if k in summary))
         return summary
 
 

@@ -1,5 +1,7 @@
 """data.name: text: byte windows split without overlap, the default text from Python's standard
-library, and the unigram baseline in closed form."""
+library, the unigram baseline in closed form, and a small transformer that beats it through the
+real train() path (with perplexity and per-token accuracy in its evaluation)."""
+import json
 import math
 
 import numpy as np
@@ -9,6 +11,8 @@ import torch
 from hvd_trainer.config import ConfigError, load_config
 from hvd_trainer.data import build_splits
 from hvd_trainer.data.text import read_bytes, stdlib_sources, unigram_perplexity
+from hvd_trainer.runner import train
+from hvd_trainer.strategies.base import unwrap
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "runs", "far", "away"]
 
@@ -102,3 +106,29 @@ def test_the_summary_baseline_is_fitted_on_train_and_scored_on_the_held_out_targ
     train_part = stream[:len(stream) - round(len(stream) * 0.2)]
     expected = unigram_perplexity(train_part, splits.test.tensors[1].numpy().ravel())
     assert splits.info["unigram_perplexity"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_small_transformer_beats_the_unigram_baseline_through_train(tmp_path):
+    root = _write_text(tmp_path / "t")
+    cfg = load_config(None, [
+        "strategy=single", "data.name=text", f"data.path={root}/*.txt", "data.seq_len=32", "data.text_bytes=0",
+        "model.name=transformer", "model.layers=1", "model.heads=2", "model.width=32", "optim.name=adam",
+        "optim.lr=0.003", "batch_size=16", "epochs=1", "runtime.progress=false", "checkpoint.every_epochs=0",
+        f"run_dir={tmp_path / 'run'}"])
+    seen = {}
+
+    def score(trainer):
+        model = unwrap(trainer.state.model).eval()
+        x, y = trainer.data.test.tensors
+        with torch.no_grad():
+            seen["acc"] = float((model(x).argmax(1) == y).float().mean())
+        seen["windows"] = len(y)
+
+    summary = train(cfg, on_end=score)
+    baseline = summary["data"]["unigram_perplexity"]
+    assert summary["final_test_perplexity"] == pytest.approx(math.exp(summary["final_test_loss"]))
+    assert summary["final_test_perplexity"] < 0.3 * baseline, (summary["final_test_perplexity"], baseline)
+    assert summary["final_test_accuracy"] == pytest.approx(seen["acc"], abs=1e-6)  # per token
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_samples"] for r in rows if "test_samples" in r] == [seen["windows"]]  # samples, not tokens
+    assert summary["steps"] > 30
