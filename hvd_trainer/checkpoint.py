@@ -171,3 +171,9 @@ class Checkpointer:
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """Checksum-verified, safe (``weights_only=True``) load of one checkpoint file."""
     return torch_load_bytes(unseal(Path(path).read_bytes()))
+
+
+def whole_model(path: str | os.PathLike) -> dict[str, Any]:
+    """The whole model's state dict from a checkpoint, for the uncut model on one process; a
+    run with pipeline stages writes every stage's part under the whole model's names."""
+    return load(path)["model"]

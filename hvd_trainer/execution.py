@@ -85,7 +85,7 @@ class LocalExecutor:
         if stages_written(payload) != 1:
             raise ConfigError(f"checkpoint: written with parallel.pipeline_stages={stages_written(payload)}, "
                               f"this run has 1: resume with the same stages, or set checkpoint.resume=never "
-                              f"(hvd_trainer.parallel.whole_model(path) reads its whole model)")
+                              f"(hvd_trainer.checkpoint.whole_model(path) reads its whole model)")
         return payload["model"], payload["optimizer"]
 
     def describe(self) -> list[str]:

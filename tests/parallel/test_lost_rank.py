@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import pytest
 
@@ -34,7 +34,7 @@ REPORTER = str(WORKER).replace("worker.py", "exit_reporter.py")
 
 
 def _run_and_lose_a_rank(tmp_path, strategy: str, how: signal.Signals, rng: random.Random,
-                         victim: Optional[int] = None) -> str:
+                         victim: Optional[int] = None, extra: Sequence[str] = ()) -> str:
     np = NP[strategy]
     timeout_s = CENSUS_PEER_TIMEOUT_S if (strategy, how) == ("ddp", signal.SIGKILL) else PEER_TIMEOUT_S
     # detection takes the timeout plus a heartbeat interval, once per survivor when each one's
@@ -44,7 +44,7 @@ def _run_and_lose_a_rank(tmp_path, strategy: str, how: signal.Signals, rng: rand
     cmd = mpirun_command(np, [sys.executable, REPORTER, sys.executable, WORKER, f"strategy={strategy}",
                               "data.name=digits", "model.name=mlp", "model.hidden=[32]", "epochs=100000",
                               "checkpoint.every_epochs=0", f"runtime.peer_timeout_s={timeout_s}",
-                              "ps.timeout_s=600", "runtime.progress=false", f"run_dir={tmp_path}"],
+                              "ps.timeout_s=600", "runtime.progress=false", f"run_dir={tmp_path}", *extra],
                          mca={"orte_abort_on_non_zero_status": "0"}, extra=["--enable-recovery"])
     with RunningJob(cmd, program_marker="worker.py") as job:
         ranks = job.ranks(np)
@@ -84,3 +84,10 @@ def test_a_killed_rank_ends_the_job_naming_it(tmp_path, strategy):
 def test_a_stopped_rank_ends_the_job_naming_it(tmp_path, strategy):
     rng = random.Random(f"stop-{strategy}")
     print(_run_and_lose_a_rank(tmp_path, strategy, signal.SIGSTOP, rng))
+
+
+def test_a_stopped_pipeline_stage_ends_the_job_naming_it(tmp_path):
+    # its neighbour waits in a point-to-point receive, not a collective: the heartbeat still names it
+    rng = random.Random("stop-pipeline")
+    print(_run_and_lose_a_rank(tmp_path, "horovod", signal.SIGSTOP, rng,
+                               extra=["parallel.pipeline_stages=2", "parallel.microbatches=4"]))

@@ -14,7 +14,9 @@ from hvd_trainer.runtime.errors import EXIT_PREEMPTED
 from mpi_jobs import mpirun_command
 from running import RunningJob, metrics_rows
 
-NP = {"horovod": 2, "ddp": 2, "ps": 3}
+NP = {"horovod": 2, "ddp": 2, "ps": 3, "pipeline": 4}
+# "pipeline": 2 replicas x 2 stages, Horovod between the replicas of a stage
+STRATEGY = {"pipeline": ["strategy=horovod", "parallel.pipeline_stages=2", "parallel.microbatches=2"]}
 # 4 epochs of digits; no periodic checkpoints, so the only one before the end is the stop's
 ARGS = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "epochs=4", "checkpoint.every_epochs=0",
         "runtime.progress=false"]
@@ -25,10 +27,11 @@ def _program(strategy, run_dir, slow=False):
     # The pause is the test worker's (test.*), not the trainer's config: the runs that need no
     # pause (the reference, the resume) compute the same arithmetic without it.
     pause = ["test.step_sleep=0.02"] if slow else []
-    return [sys.executable, WORKER, *ARGS, *pause, f"strategy={strategy}", f"run_dir={run_dir}"]
+    how = STRATEGY.get(strategy, [f"strategy={strategy}"])
+    return [sys.executable, WORKER, *ARGS, *pause, *how, f"run_dir={run_dir}"]
 
 
-@pytest.mark.parametrize("strategy", ["horovod", "ddp", "ps"])
+@pytest.mark.parametrize("strategy", ["horovod", "ddp", "ps", "pipeline"])
 def test_a_signal_on_one_rank_stops_all_with_one_checkpoint_and_resume_is_exact(tmp_path, strategy):
     np = NP[strategy]
     mpirun(np, _program(strategy, tmp_path / "whole"), timeout=180)

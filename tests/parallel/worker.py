@@ -111,7 +111,9 @@ if delay_on_this_rank("data_sleep"):
 
 
 def save_final_weights(trainer):
-    state = {k: v.detach().clone() for k, v in unwrap(trainer.state.model).state_dict().items()}
+    # the whole model's state, also on a pipeline stage (collective over its pipeline then)
+    whole = trainer.strategy.executor.checkpoint_parts(unwrap(trainer.state.model), {})["model"]
+    state = {k: v.detach().clone() for k, v in whole.items()}
     torch.save(state, f"{cfg.run_dir}/params_rank{trainer.strategy.rank}.pt")
 
 
