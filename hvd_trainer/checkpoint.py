@@ -177,3 +177,9 @@ def whole_model(path: str | os.PathLike) -> dict[str, Any]:
     """The whole model's state dict from a checkpoint, for the uncut model on one process; a
     run with pipeline stages writes every stage's part under the whole model's names."""
     return load(path)["model"]
+
+
+def stages_written(payload: dict[str, Any]) -> int:
+    """The pipeline stages of the run that wrote a checkpoint."""
+    opt = payload["optimizer"]
+    return int(opt["pipeline_stages"]) if isinstance(opt, dict) and "pipeline_stages" in opt else 1

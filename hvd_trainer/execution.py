@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from torch import nn
 
+from .checkpoint import stages_written
 from .config import ConfigError
 from .precision import Precision
 
@@ -80,8 +81,6 @@ class LocalExecutor:
         return {"model": model.state_dict(), "optimizer": optimizer_state}
 
     def own_state(self, model: nn.Module, payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        from .parallel.executor import stages_written
-
         if stages_written(payload) != 1:
             raise ConfigError(f"checkpoint: written with parallel.pipeline_stages={stages_written(payload)}, "
                               f"this run has 1: resume with the same stages, or set checkpoint.resume=never "

@@ -21,8 +21,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..checkpoint import stages_written
 from ..config import ConfigError
-from ..execution import Batch, LossFn
+from ..execution import Batch, LocalExecutor, LossFn
 from ..precision import Precision
 from .layout import Layout
 from .schedule import actions
@@ -146,12 +147,6 @@ class PipelineExecutor:
         self.comm.Free()
 
 
-def stages_written(payload: dict[str, Any]) -> int:
-    """The pipeline stages of the run that wrote a checkpoint."""
-    opt = payload["optimizer"]
-    return int(opt["pipeline_stages"]) if isinstance(opt, dict) and "pipeline_stages" in opt else 1
-
-
 def _stage(model: nn.Module) -> Stage:
     inner = getattr(model, "module", model)
     if not isinstance(inner, Stage):
@@ -177,8 +172,6 @@ def check_pipeline(cfg, world_size: int, pipelines: bool) -> None:
 def make_executor(cfg, strategy):
     """The strategy's executor for this run: the whole model, or this rank's pipeline stage
     (collective over every rank of the job then: the pipelines' communicators are split)."""
-    from ..execution import LocalExecutor
-
     layout = strategy.layout
     if layout.stages == 1:
         return LocalExecutor()

@@ -61,11 +61,13 @@ def _collective_timeout(peer_timeout_s: float) -> timedelta:
 
 class DDPStrategy(Strategy):
     name = "ddp"
+    pipelines = True  # the replicas of a stage reduce over a process sub-group
 
     def __init__(self, cfg: TrainConfig, precision=None, executor=None) -> None:
         super().__init__(cfg, precision, executor)
         self.dcfg = cfg.ddp
         self.bucket_ready: Optional[float] = None  # set by _timed_allreduce
+        self.group = None  # this rank's stage replicas under pipeline stages (None: the world)
 
     def init(self) -> None:
         self.rank, self.size, self.local_rank, self.local_size, method = _rendezvous(self.dcfg)
@@ -75,6 +77,11 @@ class DDPStrategy(Strategy):
         dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method=method, rank=self.rank, world_size=self.size,
                                 timeout=_collective_timeout(self.cfg.runtime.peer_timeout_s))
         torch.set_num_threads(threads_per_rank(self.cfg.runtime.threads, self.local_size))
+        stages = self.cfg.parallel.pipeline_stages
+        if stages > 1 and self.size % stages == 0:  # else check() names it
+            layout = self.layout  # every rank creates every stage's group, in the same order
+            groups = [dist.new_group(layout.stage_group(s)) for s in range(stages)]
+            self.group = groups[layout.stage_of(self.rank)]
 
     def shutdown(self, reason: Optional[str] = None) -> None:
         # A rank that leaves while a peer still talks to it, or a process group whose last
@@ -90,7 +97,8 @@ class DDPStrategy(Strategy):
 
     def prepare(self, model, optimizer, plan: StepPlan):
         ids = [self.local_rank] if self.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.dcfg.bucket_cap_mb)
+        ddp = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.dcfg.bucket_cap_mb,
+                                      process_group=self.group)
         ddp.register_comm_hook(self, _timed_allreduce)
         return ddp, optimizer
 
@@ -102,9 +110,11 @@ class DDPStrategy(Strategy):
 
     def train_step(self, model, optimizer, micro_batches, loss_fn, grad_clip):
         optimizer.zero_grad()
+        self.bucket_ready = None
+        if self.group is not None:
+            return self._pipelined_step(model, optimizer, micro_batches, loss_fn, grad_clip)
         last = len(micro_batches) - 1
         # Only the last micro-batch's backward allreduces; the others accumulate locally.
-        self.bucket_ready = None
         loss = self.executor.forward_backward(model, micro_batches, loss_fn, self.precision,
                                               lambda i: model.no_sync() if i < last else None)
         # backward returns once the buckets' allreduces are done: what followed the last
@@ -116,18 +126,46 @@ class DDPStrategy(Strategy):
         self.phases.lap("optimizer")
         return loss
 
+    def _pipelined_step(self, model, optimizer, micro_batches, loss_fn, grad_clip):
+        """Under pipeline stages a stage's passes interleave across microbatches, and DDP's
+        reducer expects the backward of the forward it prepared: every pass runs under
+        ``no_sync``, and the stage's gradients are then averaged over its replicas at once."""
+        loss = self.executor.forward_backward(model, micro_batches, loss_fn, self.precision,
+                                              lambda i: model.no_sync())
+        self.phases.lap("compute")
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.group)
+            flat /= self.dp_size
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        self.phases.lap("exchange")
+        checked_update(model, optimizer, grad_clip, self.precision, self.executor.grad_norm)
+        self.phases.lap("optimizer")
+        return loss
+
+    # With pipeline stages, ``root_rank`` is a replica: each stage takes its own replica's
+    # copy, within the stage's group (torch's src is a global rank)
+    def _stage_root(self, root_rank: int) -> int:
+        return self.layout.rank_of(root_rank, self.layout.stage_of(self.rank))
+
     def broadcast_parameters(self, model, root_rank: int = 0) -> None:
         module = unwrap(model)
         for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=root_rank)
+            dist.broadcast(t.data, src=self._stage_root(root_rank), group=self.group)
 
     def broadcast_optimizer_state(self, optimizer, root_rank: int = 0) -> None:
         if optimizer.state_dict()["state"]:  # every rank agrees (see HorovodStrategy)
-            optimizer.load_state_dict(self.broadcast_object(optimizer.state_dict(), root_rank))
+            box = [optimizer.state_dict()]
+            dist.broadcast_object_list(box, src=self._stage_root(root_rank), group=self.group)
+            optimizer.load_state_dict(box[0])
 
     def broadcast_buffers(self, model: nn.Module, root_rank: int = 0) -> None:
         for b in unwrap(model).buffers():
-            dist.broadcast(b.data, src=root_rank)
+            dist.broadcast(b.data, src=self._stage_root(root_rank), group=self.group)
 
     def barrier(self) -> None:
         dist.barrier()
@@ -158,4 +196,4 @@ def _timed_allreduce(strategy, bucket):
     """DDP's own averaging allreduce (the same result as no hook), noting when the last bucket
     was ready: the end of this rank's backward compute."""
     strategy.bucket_ready = time.perf_counter()
-    return default_hooks.allreduce_hook(None, bucket)
+    return default_hooks.allreduce_hook(strategy.group, bucket)

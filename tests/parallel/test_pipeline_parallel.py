@@ -53,8 +53,9 @@ def test_p_stages_with_m_microbatches_train_like_one_process(tmp_path, model, st
         train_local(tmp_path / "pp", args + ["checkpoint.resume=auto"])
 
 
-def test_two_replicas_of_two_stages_equal_two_data_parallel_ranks(tmp_path):
-    args = MODELS["transformer"]
+@pytest.mark.parametrize("strategy", ["horovod", "ddp"])  # a Horovod process set, a DDP sub-group
+def test_two_replicas_of_two_stages_equal_two_data_parallel_ranks(tmp_path, strategy):
+    args = MODELS["transformer"] + [f"strategy={strategy}"]
     hybrid, res = train_run(4, tmp_path / "dxp", args + pipelined(2, 2, "1f1b"))
     plain = train_params(2, tmp_path / "dp", args)
     assert len(hybrid) == 4
