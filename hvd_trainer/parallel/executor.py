@@ -165,6 +165,8 @@ def check_pipeline(cfg, world_size: int, pipelines: bool) -> None:
     if world_size % p.pipeline_stages:
         raise ConfigError(f"parallel.pipeline_stages: {p.pipeline_stages} stages do not divide the "
                           f"{world_size} ranks")
+    if cfg.data.name == "shards":  # each rank opens its own files: a stage's replicas would not agree
+        raise ConfigError("data.name: shards are not supported with parallel.pipeline_stages > 1")
     if p.microbatches > cfg.batch_size:
         raise ConfigError(f"parallel.microbatches: {p.microbatches} is more than batch_size {cfg.batch_size}")
 

@@ -29,11 +29,12 @@ def blocks_of(model: nn.Module) -> list[Block]:
 
 def balanced_bounds(weights: Sequence[int], stages: int) -> list[int]:
     """Start index of each stage (the first is 0) so that the heaviest stage is as light as it
-    can be; among equal cuts, the earliest. Every stage gets at least one block."""
+    can be; among equal cuts, the earliest. Every stage holds some weight (a stage without
+    parameters would have nothing to optimise)."""
     n = len(weights)
-    if n < stages:
-        raise ConfigError(f"parallel.pipeline_stages: {stages} stages need at least {stages} blocks, "
-                          f"the model has {n}")
+    if sum(1 for w in weights if w > 0) < stages:
+        raise ConfigError(f"parallel.pipeline_stages: {stages} stages need at least {stages} blocks with "
+                          f"parameters, the model has {sum(1 for w in weights if w > 0)}")
     prefix = [0]
     for w in weights:
         prefix.append(prefix[-1] + w)
@@ -45,7 +46,8 @@ def balanced_bounds(weights: Sequence[int], stages: int) -> list[int]:
     for p in range(1, stages + 1):
         for i in range(p, n + 1):
             for j in range(p - 1, i):
-                cost = max(best[p - 1][j], prefix[i] - prefix[j])
+                weight = prefix[i] - prefix[j]
+                cost = max(best[p - 1][j], weight) if weight > 0 else inf
                 if cost < best[p][i]:
                     best[p][i], start[p][i] = cost, j
     bounds, i = [], n
@@ -119,6 +121,9 @@ def cut(model: nn.Module, index: int, count: int, cuts: Optional[Sequence[str]] 
     bounds = (named_bounds(names, cuts, count) if cuts
               else balanced_bounds([parameter_count(m) for _, m in blocks], count))
     ends = bounds[1:] + [len(blocks)]
+    empty = [s for s in range(count) if not sum(parameter_count(m) for _, m in blocks[bounds[s]:ends[s]])]
+    if empty:
+        raise ConfigError(f"parallel.cuts: stage {empty[0]} would hold no parameters")
     return Stage(blocks[bounds[index]:ends[index]], index, count, whole_shapes, recompute)
 
 

@@ -39,7 +39,10 @@ CFG = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "optim.name=sg
        f"max_steps={EQUIV_STEPS}", "checkpoint.every_epochs=0", "checkpoint.resume=never",
        "runtime.progress=false"]
 STRATEGY = {"horovod": ["strategy=horovod"], "ddp": ["strategy=ddp"],
-            "ps": ["strategy=ps", "ps.num_servers=1"]}  # the last rank serves: the last host
+            "ps": ["strategy=ps", "ps.num_servers=1"],  # the last rank serves: the last host
+            # every stage on a host of its own: each activation and its gradient cross a link
+            "pipeline": ["strategy=horovod", "model.hidden=[32,16]", "parallel.pipeline_stages=3",
+                         "parallel.microbatches=4"]}
 
 
 def _params(run_dir: Path, np: int) -> list[dict[str, torch.Tensor]]:
@@ -76,6 +79,10 @@ def test_mpirun_across_hosts_equals_one_host(testbed, one_host, tmp_path, hosts,
     s = summary(cross_dir)
     assert s["world_size"] == hosts and s["steps"] == EQUIV_STEPS
     _assert_equal_runs(_params(cross_dir, hosts), one_host(strategy, hosts), hosts - 1 if strategy == "ps" else hosts)
+
+
+def test_pipeline_stages_across_hosts_equal_one_host(testbed, one_host, tmp_path):
+    test_mpirun_across_hosts_equals_one_host(testbed, one_host, tmp_path, 3, "pipeline")
 
 
 @pytest.mark.parametrize("hosts", [2, 3])

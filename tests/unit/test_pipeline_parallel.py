@@ -74,18 +74,26 @@ def test_a_schedule_that_waits_in_a_cycle_is_reported():
 @settings(max_examples=80, deadline=None)
 @given(weights=st.lists(st.integers(0, 50), min_size=1, max_size=8), stages=st.integers(1, 4))
 def test_the_balanced_cut_is_the_best_contiguous_cut(weights, stages):
-    if len(weights) < stages:
-        with pytest.raises(ConfigError):
+    def loads(b):
+        ends = list(b[1:]) + [len(weights)]
+        return [sum(weights[s:e]) for s, e in zip(b, ends)]
+    feasible = [(0, *c) for c in itertools.combinations(range(1, len(weights)), stages - 1)
+                if min(loads((0, *c))) > 0]  # every stage holds parameters
+    if not feasible:
+        with pytest.raises(ConfigError, match="blocks with parameters"):
             balanced_bounds(weights, stages)
         return
     bounds = balanced_bounds(weights, stages)
     assert bounds[0] == 0 and len(bounds) == stages and bounds == sorted(set(bounds))
+    assert min(loads(bounds)) > 0
+    assert max(loads(bounds)) == min(max(loads(b)) for b in feasible)
 
-    def heaviest(b):
-        ends = list(b[1:]) + [len(weights)]
-        return max(sum(weights[s:e]) for s, e in zip(b, ends))
-    best = min(heaviest((0, *c)) for c in itertools.combinations(range(1, len(weights)), stages - 1))
-    assert heaviest(bounds) == best
+
+def test_a_stage_without_parameters_is_refused():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    assert balanced_bounds([6, 0, 6], 2) in ([0, 1], [0, 2])
+    with pytest.raises(ConfigError, match="stage 1 would hold no parameters"):
+        cut(model, 0, 3, cuts=["1", "2"])
 
 
 def test_named_cuts():
@@ -104,7 +112,7 @@ def _models():
     tfm = build_model(ModelConfig(name="transformer", layers=3, heads=2, width=16), (12,), 256)
     res = build_model(ModelConfig(name="resnet", channels=[4, 8], blocks_per_stage=1), (3, 8, 8), 5)
     mlp = build_model(ModelConfig(name="mlp", hidden=[16, 8]), (10,), 3)
-    seq = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    seq = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
     return [(tfm, torch.randint(0, 256, (3, 12))), (res, torch.randn(3, 3, 8, 8)), (mlp, torch.randn(3, 10)),
             (seq, torch.randn(3, 6))]
 
@@ -168,6 +176,7 @@ def test_bad_parallel_settings_name_the_key(override, key):
     ("ps", 2, [], "strategy ps does not run pipeline stages"),
     ("horovod", 3, [], "2 stages do not divide the 3 ranks"),
     ("horovod", 2, ["parallel.microbatches=32"], "parallel.microbatches: 32 is more than batch_size 16"),
+    ("horovod", 2, ["data.name=shards", "data.path=/dev/null", "data.test_path=/dev/null"], "data.name: shards"),
 ])
 def test_layouts_no_pipeline_can_run_are_refused_before_any_collective(strategy, world, extra, message):
     from hvd_trainer.parallel.executor import check_pipeline
