@@ -97,8 +97,9 @@ class Monitor:
         """Collective, once per epoch (one small allgather): every rank's breakdown and
         resources join rank 0's row; stragglers are named. Returns the row to write."""
         totals = self.phases.take()
-        mine = {"rank": self.strategy.rank, "host": self.resources.host, "steps": totals["steps"],
-                **per_step(totals), **self.resources.sample()}
+        s = self.strategy
+        mine = {"rank": s.rank, "host": self.resources.host, "stage": s.layout.stage_of(s.rank),
+                "steps": totals["steps"], **per_step(totals), **self.resources.sample()}
         ranks = self.strategy.allgather_object((mine, totals))
         self.epoch_no += 1
         if self.strategy.rank != 0:

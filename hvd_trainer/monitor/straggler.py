@@ -2,7 +2,9 @@
 
 Under synchronous data parallelism a slow rank shows in its own compute or data wait, while
 the fast ranks' extra time shows as exchange wait (they wait for it); so only the parts a
-rank causes itself are compared with the median over ranks."""
+rank causes itself are compared with the median over ranks. Pipeline stages do different work
+(and a stage's compute includes waiting for its neighbours), so a rank is compared only with
+the ranks holding the same stage."""
 from __future__ import annotations
 
 from statistics import median
@@ -17,6 +19,11 @@ def find_stragglers(ranks: list[dict[str, Any]], factor: float, min_excess_s: fl
     not news). One entry per (rank, part), slowest first. Needs three ranks or more to say
     who is slow with a median that the slow rank does not own; two ranks compare each with
     their mean, which a slow rank moves by half its excess."""
+    stages = sorted({r.get("stage", 0) for r in ranks})
+    if len(stages) > 1:
+        found = [s for stage in stages
+                 for s in find_stragglers([r for r in ranks if r.get("stage", 0) == stage], factor, min_excess_s)]
+        return sorted(found, key=lambda s: -s["seconds"] + s["median"])
     found = []
     if len(ranks) < 2:
         return found

@@ -28,12 +28,17 @@ def pipelined(stages: int, m: int, schedule: str) -> list[str]:
     return [f"parallel.pipeline_stages={stages}", f"parallel.microbatches={m}", f"parallel.schedule={schedule}"]
 
 
-@pytest.mark.parametrize("model,stages,schedule,m", [
-    ("transformer", 2, "gpipe", 4), ("transformer", 3, "1f1b", 4),
-    ("resnet", 2, "1f1b", 2), ("resnet", 3, "gpipe", 2)])
-def test_p_stages_with_m_microbatches_train_like_one_process(tmp_path, model, stages, schedule, m):
+# a clip that acts at every step (the gradient norm is ~1): it must see the whole model's norm,
+# summed over the stages, not each stage's part of it
+CLIP = ["optim.grad_clip=0.05"]
+
+
+@pytest.mark.parametrize("model,stages,schedule,m,extra", [
+    ("transformer", 2, "gpipe", 4, []), ("transformer", 3, "1f1b", 4, CLIP),
+    ("resnet", 2, "1f1b", 2, []), ("resnet", 3, "gpipe", 2, [])])
+def test_p_stages_with_m_microbatches_train_like_one_process(tmp_path, model, stages, schedule, m, extra):
     if model == "transformer":  # one process, the whole batch
-        args, one = MODELS[model], MODELS[model]
+        args = one = MODELS[model] + extra
     else:  # BatchNorm normalises over what one pass sees: one process runs the same m pieces
         args = MODELS[model] + ["batch_size=16"]
         one = MODELS[model] + [f"batch_size={16 // m}", f"optim.accumulation_steps={m}"]

@@ -105,6 +105,16 @@ def test_two_ranks_one_slow():
     assert [(s["rank"], s["part"]) for s in found] == [(1, "compute")]
 
 
+def test_pipeline_stages_are_compared_only_with_their_own_stage():
+    # stage 1 does three times stage 0's work on every replica: nobody is slow
+    ranks = _ranks([0.001] * 4, [0.010, 0.030, 0.010, 0.030])
+    for r in ranks:
+        r["stage"] = r["rank"] % 2
+    assert find_stragglers(ranks, 1.25, 0.002) == []
+    ranks[3]["compute_s"] = 0.060  # replica 1's stage 1 is twice its peer
+    assert [(s["rank"], s["part"]) for s in find_stragglers(ranks, 1.25, 0.002)] == [(3, "compute")]
+
+
 def test_mean_over_and_compact_line():
     rows = [{"step_s": 0.010, "compute_s": 0.006}, {"step_s": 0.020, "compute_s": 0.010}]
     assert mean_over(rows, ("step_s", "compute_s")) == {"step_s": pytest.approx(0.015), "compute_s": pytest.approx(0.008)}
