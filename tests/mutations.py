@@ -202,14 +202,14 @@ MUTATIONS: list[Mutation] = [
         "m microbatches through P stages give the whole batch's gradient"),
     Mutation(
         "pipeline_norm_per_stage", "hvd_trainer/parallel/executor.py",
-        "return torch.tensor(self.comm.allreduce(float(local) ** 2)) ** 0.5",
-        "return local  # mutation: each stage clips by its own part of the norm",
+        "total = torch.tensor(float(squares[0])) ** 0.5",
+        "total = local  # mutation: each stage clips by its own part of the norm",
         ("tests/parallel/test_pipeline_parallel.py::test_p_stages_with_m_microbatches_train_like_one_process[transformer-3-1f1b-4-extra1]",),
         "clipping and the NaN check under stages see the whole model's gradient norm"),
     Mutation(
         "pipeline_gradients_not_sent_back", "hvd_trainer/parallel/executor.py",
-        "                        sends.append(self._send(inp.grad, self.stage - 1, i, grad=True))",
-        "                        sends.append(self._send(torch.zeros_like(inp), self.stage - 1, i, grad=True))  # mutation",
+        "                        sends += self._send(g, self.stage - 1, i, grad=True)",
+        "                        sends += self._send(torch.zeros_like(inp), self.stage - 1, i, grad=True)  # mutation",
         ("tests/parallel/test_pipeline_parallel.py::test_p_stages_with_m_microbatches_train_like_one_process[resnet-2-1f1b-2-extra2]",),
         "every stage trains: the gradient of each activation flows back to the stage before"),
 ]

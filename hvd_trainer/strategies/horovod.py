@@ -119,7 +119,11 @@ class HorovodStrategy(Strategy):
         hvd.init(process_sets=sets or None)
         self.hvd = hvd
         self.rank, self.size = hvd.rank(), hvd.size()
-        self.replica_set = sets[self.layout.stage_of(self.rank)] if sets else hvd.global_process_set
+        # None: one replica of the pipeline, nothing to exchange. Horovod is then left out of
+        # the step: its background loop coordinates every process set on every rank each
+        # cycle, and a stage's wait would be paced by the other stages' cycles.
+        self.replica_set = (None if self.layout.stages > 1 and self.dp_size == 1
+                            else sets[self.layout.stage_of(self.rank)] if sets else hvd.global_process_set)
         self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
         if torch.cuda.is_available():  # GPU path: one device per local rank (not exercised here)
             torch.cuda.set_device(self.local_rank)
@@ -138,7 +142,7 @@ class HorovodStrategy(Strategy):
         from mpi4py import MPI
 
         world = MPI.COMM_WORLD.Get_size()
-        if world % stages:  # check() names it, before any collective
+        if world % stages or world == stages:  # check() names the first; the second has no replicas
             return []
         layout = Layout(world, stages)
         return [hvd.ProcessSet(layout.stage_group(s)) for s in range(stages)]
@@ -149,6 +153,8 @@ class HorovodStrategy(Strategy):
 
     def prepare(self, model, optimizer, plan: StepPlan):
         hvd = self.hvd
+        if self.replica_set is None:
+            return model, optimizer
         compression = hvd.Compression.fp16 if self.hcfg.compression == "fp16" else hvd.Compression.none
         op = hvd.Adasum if self.hcfg.op == "adasum" else hvd.Average
         optimizer = hvd.DistributedOptimizer(
@@ -178,6 +184,10 @@ class HorovodStrategy(Strategy):
             if not bool(torch.isfinite(norm)):
                 raise NonFiniteGradient(f"parameter norm {float(norm)} after an Adasum step")
             return loss
+        if self.replica_set is None:  # a single pipeline: each stage's gradient is complete
+            checked_update(model, optimizer, grad_clip, self.precision, self.executor.grad_norm)
+            self.phases.lap("optimizer")
+            return loss
         # Check and clip the *averaged* gradient (fp16: unscaled first): wait for the allreduce,
         # then step without a second allreduce.
         optimizer.synchronize()
@@ -196,6 +206,8 @@ class HorovodStrategy(Strategy):
         if self.layout.stages == 1:
             self.hvd.broadcast_parameters(tensors, root_rank=root_rank)
             return
+        if self.replica_set is None:  # the stage's only replica
+            return
         root = self._stage_root(root_rank)
         handles = [self.hvd.broadcast_async_(t, root, name=f"stage.bcast.{name}", process_set=self.replica_set)
                    for name, t in sorted(tensors.items())]
@@ -213,6 +225,8 @@ class HorovodStrategy(Strategy):
             return
         if self.layout.stages == 1:
             self.hvd.broadcast_optimizer_state(optimizer, root_rank=root_rank)
+            return
+        if self.replica_set is None:
             return
         optimizer.load_state_dict(self.hvd.broadcast_object(
             optimizer.state_dict(), root_rank=self._stage_root(root_rank), name="stage.optimizer_state",

@@ -3,7 +3,7 @@ replicas of a pipeline exchange like plain data parallelism.
 
 The schedules x stage counts x models grid is covered pairwise (each model under each schedule
 and each stage count once): the schedules differ only in the order of the same passes, which
-tests/unit/test_pipeline_parallel.py checks exhaustively without ranks.
+tests/unit/test_pipeline_rules.py checks exhaustively without ranks.
 """
 from __future__ import annotations
 
