@@ -4,6 +4,7 @@
     hvd-bench --full                       # longer sweeps, more repeats
     hvd-bench --quick --only collectives   # some sections (the others' results in --out are kept)
     hvd-bench --quick --only monitoring    # what TensorBoard and the Prometheus sink cost the trainer
+    hvd-bench --quick --only pipeline      # pipeline stages on the transformer: bubble, memory, convergence
     hvd-bench --report-only --out DIR      # redraw the report and plots from DIR/results.json
     hvd-bench --advise --params 25.6e6 --workers 64 --link-gbit 25
 
@@ -28,11 +29,13 @@ class _Sections(dict):
     """name -> section module, imported on first use (a report needs matplotlib, --advise not)."""
 
     def __missing__(self, name: str):
-        self[name] = importlib.import_module(f"{__package__}.{name}")
+        self[name] = importlib.import_module(f"{__package__}.{MODULES.get(name, name)}")
         return self[name]
 
 
-SECTION_NAMES = ("collectives", "throughput", "links", "convergence", "monitoring")
+SECTION_NAMES = ("collectives", "throughput", "links", "convergence", "monitoring", "pipeline")
+# a section whose module is named otherwise (benchmarks/pipeline.py is the data pipeline's)
+MODULES = {"pipeline": "pipeline_parallel"}
 SECTIONS = _Sections()
 
 

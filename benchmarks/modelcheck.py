@@ -72,7 +72,7 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
 def _target_rows(results: dict[str, Any], check: dict[str, Any]) -> list[tuple[str, Optional[float], float, str]]:
     secs = results.get("sections", {})
     thr, coll, lk = secs.get("throughput", {}), secs.get("collectives", {}), secs.get("links", {})
-    mon = secs.get("monitoring", {})
+    mon, pp = secs.get("monitoring", {}), secs.get("pipeline", {})
     two = thr.get("ranks", {}).get("2", {})
     rows: list[tuple[str, Optional[float], float, str]] = [
         ("default strategy (horovod) at 2 ranks / limit", two.get("horovod", {}).get("vs_limit"), 0.95, ">="),
@@ -89,6 +89,10 @@ def _target_rows(results: dict[str, Any], check: dict[str, Any]) -> list[tuple[s
         ("PS sync / naive mpi4py PS, 2 workers + 1 server", thr.get("ps_sync_vs_naive"), 1.0, ">="),
         ("monitoring on / off (TensorBoard + Prometheus textfile), default strategy, 2 ranks",
          mon.get("ratio"), mon.get("target", 0.98), ">="),
+        ("pipeline P = 2, m >= 4: worst |measured efficiency / bubble theory - 1|",
+         pp.get("efficiency_worst_deviation"), 0.10, "<="),
+        ("pipeline P = 2 / P = 1: parameter + optimizer bytes per rank", pp.get("memory", {}).get("ratio"), 0.55, "<="),
+        ("pipeline m = 8: peak activation bytes 1F1B / GPipe (worst stage)", pp.get("activation_ratio_max"), 1.0, "<="),
     ]
     return rows
 
