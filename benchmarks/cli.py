@@ -56,13 +56,17 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     a.add_argument("--link-gbit", type=float, help="link bandwidth, Gbit/s (default: calibrated here)")
     a.add_argument("--alpha-us", type=float, help="per-message latency, µs (default: calibrated here)")
     a.add_argument("--compute-ms", type=float, help="one worker's compute per step, ms (default: measured here)")
+    a.add_argument("--activation-mb", type=float,
+                   help="activation at one pipeline cut for one worker's batch, MB (batch x seq_len x width x 4): "
+                        "also rank pipeline depths")
+    a.add_argument("--microbatches", type=int, default=8, help="microbatches per step with pipeline stages")
     args = p.parse_args(argv)
     args.mode = args.mode or "quick"
     unknown = [s for s in filter(None, args.only.split(",")) if s not in SECTION_NAMES]
     if unknown:
         p.error(f"--only: unknown section {unknown[0]!r} (choose from {', '.join(SECTION_NAMES)})")
-    if args.workers < 1 or args.params <= 0:
-        p.error("--workers and --params must be positive")
+    if args.workers < 1 or args.params <= 0 or args.microbatches < 1:
+        p.error("--workers, --params and --microbatches must be positive")
     return args
 
 
@@ -176,7 +180,31 @@ def advise(args: argparse.Namespace, results_path: Path) -> int:
     best, second = rows[0], rows[1]
     print(f"fastest: {best['strategy']} ({best['knobs']}), {second['step_s'] / best['step_s']:.2f}x faster "
           f"than the next ({second['strategy']}, {second['knobs']})")
+    if args.activation_mb is not None:
+        advise_pipeline(args, costmodel.Link(alpha, bandwidth), compute)
     return 0
+
+
+def advise_pipeline(args: argparse.Namespace, link: "costmodel.Link", compute: float) -> None:
+    """Pipeline depths at the same global batch (Horovod's ring among each stage's replicas)."""
+    rows = costmodel.advise_pipeline(args.params, args.workers, link, compute, args.activation_mb * 1e6,
+                                     args.microbatches)
+    print(f"\npipeline stages P x replicas D = {args.workers}, m = {args.microbatches}, activation "
+          f"{args.activation_mb:g} MB at a cut per worker batch (traffic per replica and step)")
+    print(f"{'P x D':<10} {'bubble':>7} {'activations':>12} {'gradients':>12} {'state/rank':>10} "
+          f"{'step':>10} {'vs best':>8}")
+    for r in rows:
+        print(f"{r['stages']} x {r['replicas']:<6} {r['bubble']:>7.1%} {r['activation_bytes'] / 1e6:>9.1f} MB "
+              f"{r['gradient_bytes'] / 1e6:>9.1f} MB {r['state_per_rank']:>10.2f} "
+              f"{costmodel.fmt_seconds(r['step_s']):>10} {r['vs_best']:>7.2f}x")
+    dp = next(r for r in rows if r["stages"] == 1)
+    best = rows[0]
+    if best["stages"] == 1:
+        print("pipeline stages do not pay here: the bubble and the activation traffic cost more than the "
+              "gradient traffic they save")
+    else:
+        print(f"pipeline stages pay: P = {best['stages']} is {dp['step_s'] / best['step_s']:.2f}x faster than "
+              f"data parallelism alone, and holds 1/{best['stages']} of the model state per rank")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,17 @@ A step is compute plus the part of the exchange not hidden behind it (``overlap`
 of the exchange that runs during backward; 0 where the exchange needs the same core as compute,
 as on this 2-core machine with one rank per core).
 
+Pipeline stages (``P`` stages x ``D = N / P`` replicas, ``m`` microbatches) trade gradient
+traffic for activation traffic and a bubble. At the same global batch a replica's batch is P
+times a data-parallel worker's, so with ``c`` one worker's compute under data parallelism and
+``a`` the activation bytes at one cut for one microbatch:
+
+- step: ``(m + P - 1) (c / m + 2 (alpha + a / B))`` (every stage's share of a microbatch, its
+  activation out and its gradient back, stretched by the bubble ``(P - 1) / (m + P - 1)``),
+  plus a ring over the D replicas of a stage's ``S / P`` bytes of gradient;
+- traffic per replica and step: activations ``2 (P - 1) m a`` against gradients
+  ``2 (D - 1) / D * S``.
+
 The model is calibrated where it runs (:func:`fit`: alpha and B of each exchange path from its
 measured times at several sizes) and checked against every measured point (:func:`errors`).
 ``hvd-bench --advise`` (:func:`advise`) uses it to rank strategies for a user's model, worker
@@ -219,6 +230,60 @@ def advise(params: float, workers: int, link: Link, compute_s: float, overlap: f
         st = step_s(compute_s, comm, overlap if strategy == "horovod" else 0.0)
         rows.append({"strategy": strategy, "knobs": knobs, "comm_s": comm, "step_s": st,
                      "efficiency": compute_s / st})
+    rows.sort(key=lambda r: r["step_s"])
+    for r in rows:
+        r["vs_best"] = r["step_s"] / rows[0]["step_s"]
+    return rows
+
+
+# --- pipeline stages ------------------------------------------------------------------------------------
+def pipeline_bubble(stages: int, microbatches: int) -> float:
+    """The idle fraction of a GPipe or 1F1B step: ``(P - 1) / (m + P - 1)``."""
+    if stages < 1 or microbatches < 1:
+        raise ValueError("stages and microbatches must be >= 1")
+    return (stages - 1) / (microbatches + stages - 1)
+
+
+def activation_traffic_bytes(stages: int, microbatches: int, activation_bytes: float) -> float:
+    """Bytes one replica's pipeline moves per step: every microbatch's activation forward and
+    its gradient back across each of the ``P - 1`` cuts."""
+    return 2 * (stages - 1) * microbatches * activation_bytes
+
+
+def gradient_traffic_bytes(param_bytes: float, replicas: int) -> float:
+    """Bytes a replica's ranks send per step in the ring over ``D`` replicas (each stage's share
+    of the ``S`` bytes of gradient, summed over the stages): ``2 (D - 1) / D * S``."""
+    return 2 * (replicas - 1) / replicas * param_bytes if replicas > 1 else 0.0
+
+
+def pipeline_step_s(compute_s: float, stages: int, microbatches: int, activation_bytes: float,
+                    param_bytes: float, replicas: int, link: Link, overlap: float = 0.0) -> float:
+    """A step of ``stages`` x ``replicas`` at the global batch that ``stages * replicas``
+    data-parallel workers of ``compute_s`` each would run (see the module docstring).
+    ``activation_bytes``: one microbatch's at one cut. ``stages = 1`` is data parallelism."""
+    p, m = stages, microbatches
+    per_micro = compute_s / m + (2 * link.message_s(activation_bytes) if p > 1 else 0.0)
+    compute = (m + p - 1) * per_micro
+    return step_s(compute, ring_allreduce_s(param_bytes / p, replicas, link), overlap)
+
+
+def advise_pipeline(params: float, workers: int, link: Link, compute_s: float, activation_bytes: float,
+                    microbatches: int = 8, overlap: float = BACKWARD_FRACTION,
+                    max_stages: int = 64) -> list[dict]:
+    """Every pipeline depth P dividing ``workers`` (P = 1: data parallelism) at the same global
+    batch, fastest first. ``activation_bytes``: the activation at one cut for one data-parallel
+    worker's batch (e.g. batch x seq_len x width x 4); a replica's batch is P times that, split
+    into ``microbatches``."""
+    nbytes = params * 4
+    rows = []
+    for p in (p for p in range(1, min(workers, max_stages) + 1) if workers % p == 0):
+        d, m = workers // p, (microbatches if p > 1 else 1)
+        a = activation_bytes * p / m
+        st = pipeline_step_s(compute_s, p, m, a, nbytes, d, link, overlap)
+        rows.append({"stages": p, "replicas": d, "microbatches": m, "bubble": pipeline_bubble(p, m),
+                     "activation_bytes": activation_traffic_bytes(p, m, a),
+                     "gradient_bytes": gradient_traffic_bytes(nbytes, d), "state_per_rank": 1 / p,
+                     "step_s": st, "efficiency": compute_s / st})
     rows.sort(key=lambda r: r["step_s"])
     for r in rows:
         r["vs_best"] = r["step_s"] / rows[0]["step_s"]

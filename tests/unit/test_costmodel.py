@@ -114,3 +114,40 @@ def test_advise_prints_a_ranking_and_refuses_without_a_link(tmp_path, capsys):
 def test_fmt_seconds():
     assert costmodel.fmt_seconds(2.5) == "2.50 s" and costmodel.fmt_seconds(0.0025) == "2.50 ms"
     assert costmodel.fmt_seconds(2.5e-6) == "2.5 µs" and costmodel.fmt_seconds(math.inf) == "inf"
+
+
+def test_pipeline_terms_in_closed_form():
+    assert costmodel.pipeline_bubble(1, 8) == 0.0
+    assert costmodel.pipeline_bubble(2, 1) == 0.5 and costmodel.pipeline_bubble(4, 8) == pytest.approx(3 / 11)
+    assert costmodel.activation_traffic_bytes(4, 8, 1 * MB) == 2 * 3 * 8 * MB
+    assert costmodel.activation_traffic_bytes(1, 8, 1 * MB) == 0
+    assert costmodel.gradient_traffic_bytes(100 * MB, 1) == 0.0
+    assert costmodel.gradient_traffic_bytes(100 * MB, 4) == pytest.approx(1.5 * 100 * MB)
+    link = Link(alpha_s=1e-5, bandwidth=1e9)
+    # P = 1 is data parallelism: compute plus the ring over every replica
+    assert costmodel.pipeline_step_s(1.0, 1, 1, 0, 100 * MB, 8, link) == pytest.approx(
+        1.0 + costmodel.ring_allreduce_s(100 * MB, 8, link))
+    # P = 4, m = 8: (m + P - 1) shares of compute/m and two messages each, then a ring of S/P over D
+    a, s = 2 * MB, 100 * MB
+    want = 11 * (0.5 / 8 + 2 * (1e-5 + a / 1e9)) + 2 * 1e-5 + s / 4 / 1e9
+    assert costmodel.pipeline_step_s(0.5, 4, 8, a, s, 2, link) == pytest.approx(want)
+    with pytest.raises(ValueError):
+        costmodel.pipeline_bubble(0, 1)
+
+
+def test_pipeline_stages_pay_for_a_big_model_on_a_slow_link_and_not_for_a_small_one():
+    slow = Link.gbit(10.0, alpha_s=5e-6)
+    big = costmodel.advise_pipeline(1.3e9, 64, slow, 0.5, activation_bytes=25e6, microbatches=8)
+    assert big[0]["stages"] > 1 and big == sorted(big, key=lambda r: r["step_s"])
+    assert {r["stages"] for r in big} == {1, 2, 4, 8, 16, 32, 64}
+    dp = next(r for r in big if r["stages"] == 1)
+    assert dp["bubble"] == 0 and dp["activation_bytes"] == 0 and dp["state_per_rank"] == 1
+    small = costmodel.advise_pipeline(25.6e6, 64, Link.gbit(25.0, alpha_s=5e-6), 0.32, activation_bytes=100e6)
+    assert small[0]["stages"] == 1 and small[0]["vs_best"] == 1.0
+
+
+def test_advise_ranks_pipeline_depths_when_given_the_activation(capsys):
+    assert cli.main(["--advise", "--params", "1.3e9", "--workers", "64", "--link-gbit", "10", "--compute-ms", "500",
+                     "--activation-mb", "25", "--out", "/nonexistent"]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline stages P x replicas D = 64, m = 8" in out and "pipeline stages pay: P = " in out
