@@ -95,7 +95,8 @@ def _steps():
 
 
 def test_summary_and_report_state_the_targets():
-    conv = {"P=1": {"final_test_perplexity": 6.0, "unigram_perplexity": 30.0, "wall_seconds": 50.0}}
+    conv = {"P=1": {"final_test_perplexity": 6.0, "unigram_perplexity": 30.0, "wall_seconds": 50.0, "ranks": 1,
+                    "global_batch": 32}}
     res = pp.summarize(_steps(), conv)
     assert res["memory"]["ratio"] == pytest.approx(0.52)
     assert res["activations"]["ratio"] == [0.25, 0.125] and res["activation_ratio_max"] == 0.25
@@ -106,4 +107,5 @@ def test_summary_and_report_state_the_targets():
     assert "| gpipe | 4 | 625 [625..625] | 0.800 [0.800..0.800] | 0.800 | **1.00 [1.00..1.00]** | 1.00 |" in text
     assert "P = 2 / P = 1: **0.520** (target <= 0.55: met)" in text
     assert "stage 0 **0.250**, stage 1 **0.125** (1F1B below GPipe: met)" in text
-    assert "| P=1 | 6.000 | 30.000 | 0.200 | 50 |" in text
+    assert "| P=1 | 1 | 32 | 6.000 | 30.000 | 0.200 | 50 |" in text
+    assert "Against the same-m baseline (the bubble and the messages only): 0.95 to 1.00; within 10%: met" in text
