@@ -122,6 +122,7 @@ class Reporter:
         if m.epoch_seconds:  # an uninterrupted epoch: its own throughput, for benchmarks
             record["epoch_samples_per_sec"] = m.epoch_samples / m.epoch_seconds
         record["samples_seen"] = m.samples_seen
+        record["bytes_sent"] = self.strategy.bytes_sent  # this rank's exchange so far (rank 0's)
         record = self.monitor.epoch(record)  # collective: every rank's time breakdown joins the row
         self.out.metrics(record)
         self.out.print(f"epoch {st.epoch:>3}  step {st.step:>6}  train_loss {m.last_train_loss:.4f}  "
@@ -149,6 +150,7 @@ class Reporter:
             "parameters": n_params, "seed": self.cfg.seed,
             "lr": st.optimizer.param_groups[0]["lr"],
             "skipped_steps": m.skipped_steps, "settings": s.settings(), **s.counters(),
+            "bytes_sent_per_rank": s.bytes_sent,
             "precision": self.cfg.optim.precision, "fp16_overflow_steps": s.precision.overflow_steps,
             "recompute": self.cfg.model.recompute, "data": data_info, **extra,
             "parallel": {**self.cfg.parallel.model_dump(), "replicas": s.dp_size, "layout": self.layout},

@@ -206,6 +206,23 @@ class DDPConfig(_Section):
     """Rendezvous port on rank 0's host (0: rank 0 picks a free one and tells the others)."""
 
 
+class LocalConfig(_Section):
+    sync_every: int = Field(16, ge=1, le=INT_LIMIT)
+    """For ``strategy: local_sgd``: H, optimizer steps each rank takes alone between two
+    averagings of the parameters (an epoch's last step always averages)."""
+    warmup_steps: int = Field(0, ge=0, le=INT_LIMIT)
+    """Fully synchronous steps first (gradients averaged every step), then local steps
+    (post-local SGD)."""
+    outer: Literal["average", "sgd", "nesterov"] = "average"
+    """What an averaging does: take the ranks' mean (local SGD), or treat its difference from
+    the last averaged parameters as a gradient for an outer SGD, plain or with Nesterov
+    momentum (DiLoCo)."""
+    outer_lr: float = Field(0.7, gt=0.0, le=10.0)
+    """DiLoCo's outer learning rate (1 with ``outer: sgd`` is plain averaging)."""
+    outer_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """DiLoCo's outer Nesterov momentum (``outer: nesterov``)."""
+
+
 class ParallelConfig(_Section):
     pipeline_stages: int = Field(1, ge=1, le=1024)
     """Pipeline stages P: the model is cut into P stages of consecutive blocks, one per rank, and
@@ -242,9 +259,10 @@ class PSConfig(_Section):
 
 
 class TrainConfig(_Section):
-    strategy: Literal["horovod", "ddp", "ps", "single"] = "horovod"
+    strategy: Literal["horovod", "ddp", "ps", "local_sgd", "single"] = "horovod"
     """How gradients are exchanged: Horovod ring-allreduce, torch DDP over gloo, the mpi4py
-    parameter server, or ``single``: one process without MPI (no exchange)."""
+    parameter server, local SGD / DiLoCo (Horovod averages parameters every ``local.sync_every``
+    steps), or ``single``: one process without MPI (no exchange)."""
     seed: int = 0
     """Seeds model init, data order and every rank's RNG."""
     epochs: int = Field(10, ge=1)
@@ -263,6 +281,7 @@ class TrainConfig(_Section):
     ddp: DDPConfig = Field(default_factory=DDPConfig)
     ps: PSConfig = Field(default_factory=PSConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    local: LocalConfig = Field(default_factory=LocalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 

@@ -18,6 +18,9 @@ def strategy_class(name: str) -> type[Strategy]:
             return ElasticHorovodStrategy
         from .horovod import HorovodStrategy
         return HorovodStrategy
+    if name == "local_sgd":
+        from .local_sgd import LocalSGDStrategy
+        return LocalSGDStrategy
     if name == "ddp":
         from .ddp import DDPStrategy
         return DDPStrategy

@@ -74,6 +74,7 @@ class Strategy(ABC):
         # train_step marks where its time went (compute, exchange, optimizer); the loop opens
         # and closes each step and charges the data wait and the rest
         self.phases = StepPhases()
+        self.bytes_sent = 0  # this rank's estimated traffic in the gradient/parameter exchange
 
     # --- lifecycle (every rank) --------------------------------------------------------------------
     @abstractmethod
@@ -252,6 +253,15 @@ def checked_update(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip
         optimizer.zero_grad()
         raise NonFiniteGradient(f"gradient norm {float(norm)}")
     optimizer.step()
+
+
+def ring_bytes(tensors: Sequence[torch.Tensor], ranks: int, scale: float = 1.0) -> int:
+    """What one rank sends in a ring allreduce of ``tensors`` over ``ranks``: 2 (N-1)/N of their
+    bytes (``scale``: fp16 compression's 0.5). The bandwidth-optimal lower bound; fusion and
+    the algorithm MPI picks for small messages differ from it by little."""
+    if ranks <= 1:
+        return 0
+    return int(2 * (ranks - 1) / ranks * scale * sum(t.numel() * t.element_size() for t in tensors))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ from ..config import ConfigError, HorovodConfig, TrainConfig
 from ..runtime.launch_env import apply_mpi_defaults, apply_torch_defaults
 from ..execution import LossFn
 from ..parallel.layout import Layout
-from .base import NonFiniteGradient, StepPlan, Strategy, average_op, checked_update, threads_per_rank, unwrap
+from .base import NonFiniteGradient, StepPlan, Strategy, average_op, checked_update, ring_bytes, threads_per_rank, unwrap
 
 # With the patched build (scripts/horovod-wake-on-wait.patch) a wait for a result starts a
 # cycle at once, so on CPU the cycle only sets how often idle negotiation wakes up and competes
@@ -92,6 +92,7 @@ class HorovodStrategy(Strategy):
         self.hcfg = cfg.horovod
         self._env: dict[str, Any] = {}
         self.hvd = None
+        self._step_bytes = 0
         self.replica_set = None  # the process set of this rank's stage replicas (all ranks: the global set)
 
     @classmethod
@@ -157,6 +158,8 @@ class HorovodStrategy(Strategy):
             return model, optimizer
         compression = hvd.Compression.fp16 if self.hcfg.compression == "fp16" else hvd.Compression.none
         op = hvd.Adasum if self.hcfg.op == "adasum" else hvd.Average
+        params = [p for p in model.parameters() if p.requires_grad]
+        self._step_bytes = ring_bytes(params, self.dp_size, 0.5 if self.hcfg.compression == "fp16" else 1.0)
         optimizer = hvd.DistributedOptimizer(
             optimizer, named_parameters=model.named_parameters(), compression=compression,
             backward_passes_per_step=self.executor.backward_passes(plan.accumulation_steps), op=op,
@@ -191,6 +194,7 @@ class HorovodStrategy(Strategy):
         # Check and clip the *averaged* gradient (fp16: unscaled first): wait for the allreduce,
         # then step without a second allreduce.
         optimizer.synchronize()
+        self.bytes_sent += self._step_bytes
         self.phases.lap("exchange")
         with optimizer.skip_synchronize():
             checked_update(model, optimizer, grad_clip, self.precision, self.executor.grad_norm)
