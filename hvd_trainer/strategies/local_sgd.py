@@ -106,6 +106,7 @@ class LocalSGDStrategy(HorovodStrategy):
 
     def average(self) -> None:
         """Collective: every rank leaves with the same parameters (and floating buffers)."""
+        self.phases.lap("other")
         module = unwrap(self.model)
         params = [p.data for p in module.parameters()]
         buffers = [b for b in module.buffers() if b.is_floating_point()]
@@ -121,6 +122,7 @@ class LocalSGDStrategy(HorovodStrategy):
         for b, avg in zip(buffers, averaged[len(params):]):
             b.copy_(avg)
         self.syncs += 1
+        self.phases.lap("exchange")
 
     # --- state ------------------------------------------------------------------------------------
     def checkpoint_state(self, model, optimizer) -> dict[str, Any]:
