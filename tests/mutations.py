@@ -212,6 +212,18 @@ MUTATIONS: list[Mutation] = [
         "                        sends += self._send(torch.zeros_like(inp), self.stage - 1, i, grad=True)  # mutation",
         ("tests/parallel/test_pipeline_parallel.py::test_p_stages_with_m_microbatches_train_like_one_process[resnet-2-1f1b-2-extra2]",),
         "every stage trains: the gradient of each activation flows back to the stage before"),
+    Mutation(
+        "local_sgd_never_averages", "hvd_trainer/strategies/local_sgd.py",
+        "            self.average()",
+        "            pass  # mutation: the ranks never average",
+        ("tests/parallel/test_local_sgd.py::test_ranks_agree_after_each_averaging_and_a_mid_round_stop_resumes_exactly[average]",),
+        "local SGD's ranks agree right after each averaging"),
+    Mutation(
+        "local_sgd_resume_takes_rank_0s_state", "hvd_trainer/strategies/local_sgd.py",
+        "        self.own_state = True",
+        "        self.own_state = False  # mutation: rank 0's state is broadcast over the others' own",
+        ("tests/parallel/test_local_sgd.py::test_ranks_agree_after_each_averaging_and_a_mid_round_stop_resumes_exactly[nesterov]",),
+        "a mid-round resume continues each rank from its own state"),
 ]
 
 
