@@ -6,7 +6,7 @@
     hvd-bench --quick --only monitoring    # what TensorBoard and the Prometheus sink cost the trainer
     hvd-bench --quick --only pipeline      # pipeline stages on the transformer: bubble, memory, convergence
     hvd-bench --report-only --out DIR      # redraw the report and plots from DIR/results.json
-    hvd-bench --advise --params 25.6e6 --workers 64 --link-gbit 25
+    hvd-bench --advise --params 25.6e6 --workers 64 --link-gbit 25 [--sync-every 4,16,64]
 
 Writes ``results.json`` (after every section, so an interrupted run keeps what it measured),
 ``REPORT.md`` and ``plots/*.png`` into ``--out`` (default ``bench-results/``). The repository's
@@ -60,6 +60,8 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="activation at one pipeline cut for one worker's batch, MB (batch x seq_len x width x 4): "
                         "also rank pipeline depths")
     a.add_argument("--microbatches", type=int, default=8, help="microbatches per step with pipeline stages")
+    a.add_argument("--sync-every", default="4,16,64",
+                   help="local SGD: steps between averagings H, comma-separated (default: %(default)s)")
     args = p.parse_args(argv)
     args.mode = args.mode or "quick"
     unknown = [s for s in filter(None, args.only.split(",")) if s not in SECTION_NAMES]
@@ -67,6 +69,12 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
         p.error(f"--only: unknown section {unknown[0]!r} (choose from {', '.join(SECTION_NAMES)})")
     if args.workers < 1 or args.params <= 0 or args.microbatches < 1:
         p.error("--workers, --params and --microbatches must be positive")
+    try:
+        args.sync_every = [int(h) for h in args.sync_every.split(",") if h.strip()]
+    except ValueError:
+        p.error(f"--sync-every: comma-separated integers, got {args.sync_every!r}")
+    if any(h < 1 for h in args.sync_every):
+        p.error("--sync-every: every H must be >= 1")
     return args
 
 
@@ -180,9 +188,25 @@ def advise(args: argparse.Namespace, results_path: Path) -> int:
     best, second = rows[0], rows[1]
     print(f"fastest: {best['strategy']} ({best['knobs']}), {second['step_s'] / best['step_s']:.2f}x faster "
           f"than the next ({second['strategy']}, {second['knobs']})")
+    if args.sync_every:
+        advise_local_sgd(args, costmodel.Link(alpha, bandwidth), compute)
     if args.activation_mb is not None:
         advise_pipeline(args, costmodel.Link(alpha, bandwidth), compute)
     return 0
+
+
+def advise_local_sgd(args: argparse.Namespace, link: "costmodel.Link", compute: float) -> None:
+    """Local SGD's time per step against the synchronous ring (not ranked with the others: the
+    model cannot say what H local steps cost in accuracy)."""
+    rows = costmodel.advise_local_sgd(args.params, args.workers, link, compute, args.sync_every)
+    print("\nstrategy=local_sgd: parameters averaged every H steps (ring, after the step), against the ring "
+          "every step (fp32, overlapped with backward)")
+    print(f"{'H':>5} {'exchange/step':>14} {'step':>10} {'bytes/step':>12} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['sync_every']:>5} {costmodel.fmt_seconds(r['comm_s']):>14} {costmodel.fmt_seconds(r['step_s']):>10} "
+              f"{r['bytes_per_step'] / 1e6:>9.2f} MB {r['speedup']:>7.2f}x")
+    print("time per step only: H local steps may need more steps, or reach less, than synchronous SGD "
+          "(hvd-bench --only rare measures time to a target accuracy)")
 
 
 def advise_pipeline(args: argparse.Namespace, link: "costmodel.Link", compute: float) -> None:

@@ -24,6 +24,12 @@ times a data-parallel worker's, so with ``c`` one worker's compute under data pa
 - traffic per replica and step: activations ``2 (P - 1) m a`` against gradients
   ``2 (D - 1) / D * S``.
 
+Local SGD (``strategy: local_sgd``, H steps alone between averagings) moves the ring's
+``2 (N-1)/N * S`` once every H steps, after a step (no overlap with backward): a step costs
+``c + ring / H`` on average, against ``c + ring`` for synchronous allreduce, so the speedup is
+``(c + ring) / (c + ring / H)``, at most H. This is time per step only: it says nothing about
+the accuracy H local steps reach (``hvd-bench --only rare`` measures time to a target).
+
 The model is calibrated where it runs (:func:`fit`: alpha and B of each exchange path from its
 measured times at several sizes) and checked against every measured point (:func:`errors`).
 ``hvd-bench --advise`` (:func:`advise`) uses it to rank strategies for a user's model, worker
@@ -233,6 +239,29 @@ def advise(params: float, workers: int, link: Link, compute_s: float, overlap: f
     rows.sort(key=lambda r: r["step_s"])
     for r in rows:
         r["vs_best"] = r["step_s"] / rows[0]["step_s"]
+    return rows
+
+
+def local_sgd_step_s(compute_s: float, nbytes: float, workers: int, link: Link, sync_every: int) -> float:
+    """A local-SGD step on average: compute, plus one ring-allreduce of the parameters every
+    ``sync_every`` steps (after the step: not overlapped)."""
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+    return compute_s + ring_allreduce_s(nbytes, workers, link) / sync_every
+
+
+def advise_local_sgd(params: float, workers: int, link: Link, compute_s: float, sync_every: Sequence[int],
+                     overlap: float = BACKWARD_FRACTION) -> list[dict]:
+    """Local SGD at each H of ``sync_every`` against synchronous ring-allreduce (fp32, its exchange
+    overlapped with backward by ``overlap`` as in :func:`advise`): the average step and the
+    speedup per step. Time only: H local steps may need more steps to the same accuracy."""
+    nbytes = params * 4
+    sync = step_s(compute_s, ring_allreduce_s(nbytes, workers, link), overlap)
+    rows = []
+    for h in sync_every:
+        st = local_sgd_step_s(compute_s, nbytes, workers, link, h)
+        rows.append({"sync_every": h, "comm_s": ring_allreduce_s(nbytes, workers, link) / h, "step_s": st,
+                     "speedup": sync / st, "bytes_per_step": gradient_traffic_bytes(nbytes, workers) / h})
     return rows
 
 

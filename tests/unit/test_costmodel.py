@@ -151,3 +151,33 @@ def test_advise_ranks_pipeline_depths_when_given_the_activation(capsys):
                      "--activation-mb", "25", "--out", "/nonexistent"]) == 0
     out = capsys.readouterr().out
     assert "pipeline stages P x replicas D = 64, m = 8" in out and "pipeline stages pay: P = " in out
+
+
+def test_local_sgd_moves_the_ring_once_every_h_steps_in_closed_form():
+    link = Link(alpha_s=1e-5, bandwidth=1e8)
+    s, c = 100 * MB, 0.05
+    ring = costmodel.ring_allreduce_s(s, 8, link)
+    assert costmodel.local_sgd_step_s(c, s, 8, link, 1) == pytest.approx(c + ring)  # H = 1: the ring every step
+    assert costmodel.local_sgd_step_s(c, s, 8, link, 16) == pytest.approx(c + ring / 16)
+    with pytest.raises(ValueError):
+        costmodel.local_sgd_step_s(c, s, 8, link, 0)
+    rows = costmodel.advise_local_sgd(s / 4, 8, link, c, [1, 4, 64], overlap=0.0)
+    for r in rows:  # without overlap: (c + ring) / (c + ring / H), never above H
+        assert r["speedup"] == pytest.approx((c + ring) / (c + ring / r["sync_every"]))
+        assert r["speedup"] <= r["sync_every"]
+        assert r["bytes_per_step"] == pytest.approx(2 * 7 / 8 * s / r["sync_every"])
+    assert rows[0]["speedup"] == pytest.approx(1.0)
+    # overlap helps the synchronous ring only: H = 1 is slower than it then
+    assert costmodel.advise_local_sgd(s / 4, 8, link, c, [1])[0]["speedup"] < 1.0
+
+
+def test_advise_prints_local_sgd_speedups_and_says_they_are_time_only(tmp_path, capsys):
+    assert cli.main(["--advise", "--params", "25.6e6", "--workers", "8", "--link-gbit", "0.1", "--compute-ms", "300",
+                     "--sync-every", "4,64", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "strategy=local_sgd" in out
+    assert "time per step only" in out
+    lines = [line.split() for line in out.splitlines() if line.strip().startswith(("4 ", "64 "))]
+    assert [int(x[0]) for x in lines] == [4, 64] and float(lines[1][-1][:-1]) > float(lines[0][-1][:-1]) > 1
+    with pytest.raises(SystemExit):
+        cli.main(["--advise", "--sync-every", "0", "--link-gbit", "1", "--compute-ms", "1"])
