@@ -72,7 +72,7 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
 def _target_rows(results: dict[str, Any], check: dict[str, Any]) -> list[tuple[str, Optional[float], float, str]]:
     secs = results.get("sections", {})
     thr, coll, lk = secs.get("throughput", {}), secs.get("collectives", {}), secs.get("links", {})
-    mon, pp = secs.get("monitoring", {}), secs.get("pipeline", {})
+    mon, pp, rare = secs.get("monitoring", {}), secs.get("pipeline", {}), secs.get("rare", {})
     two = thr.get("ranks", {}).get("2", {})
     rows: list[tuple[str, Optional[float], float, str]] = [
         ("default strategy (horovod) at 2 ranks / limit", two.get("horovod", {}).get("vs_limit"), 0.95, ">="),
@@ -95,6 +95,8 @@ def _target_rows(results: dict[str, Any], check: dict[str, Any]) -> list[tuple[s
          pp.get("efficiency_same_m_worst_deviation"), 0.10, "<="),
         ("pipeline P = 2 / P = 1: parameter + optimizer bytes per rank", pp.get("memory", {}).get("ratio"), 0.55, "<="),
         ("pipeline m = 8: peak activation bytes 1F1B / GPipe (worst stage)", pp.get("activation_ratio_max"), 1.0, "<="),
+        ("100 Mbit: best of local SGD / DiLoCo, time to target / synchronous allreduce's",
+         rare.get("best_rare_ratio_capped"), 0.33, "<="),
     ]
     return rows
 
