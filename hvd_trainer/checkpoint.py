@@ -35,6 +35,8 @@ SCHEMA: dict[str, type] = {
     "model": dict,            # the whole unwrapped model's state_dict (rank 0's BatchNorm buffers)
     "optimizer": dict,        # the optimizer's state_dict; the servers' shards for strategy=ps; per
                               # stage under pipeline stages ({"pipeline_stages": P, "stages": [...]})
+                              # with ddp.comm_hook=powersgd also "ddp_powersgd": every rank's PowerSGD
+                              # state (torch's optimizers ignore the extra key)
     "scheduler": dict,        # LambdaLR state (the step count the lr schedule is at)
     "step": int,              # optimizer steps taken
     "epoch": int,             # completed epochs

@@ -53,7 +53,7 @@ class TrainState:
         s = self.strategy
         # replicas of the run that wrote it (a checkpoint of other pipeline stages is refused below)
         old_ranks = s.check_checkpoint(payload["strategy"], int(payload["world_size"])) // s.layout.stages
-        s.load_checkpoint_state(self.model, self.optimizer, payload)
+        notes = [s.load_checkpoint_state(self.model, self.optimizer, payload)]
         self.scheduler.load_state_dict(payload["scheduler"])
         s.precision.load_state_dict(payload["precision"])
         self.step, self.epoch, self.batch_in_epoch, self.epoch_offset = (
@@ -61,9 +61,10 @@ class TrainState:
         self.rebase(old_ranks, s.dp_size)
         if len(payload["rng"]) == s.train_size:
             rng.restore(payload["rng"][s.rank])
-            return None
-        return (f"the checkpoint has {len(payload['rng'])} ranks' random streams, this run {s.train_size}: "
-                f"random streams restart (weights and position are exact)")
+        else:
+            notes.append(f"the checkpoint has {len(payload['rng'])} ranks' random streams, this run "
+                         f"{s.train_size}: random streams restart (weights and position are exact)")
+        return "; ".join(n for n in notes if n) or None
 
     def snapshot(self) -> dict[str, Any]:
         """This rank's state, copied (no communication): an elastic commit."""

@@ -204,6 +204,19 @@ class DDPConfig(_Section):
     """DistributedDataParallel bucket size (torch's default 25)."""
     master_port: int = Field(0, ge=0, le=65535)
     """Rendezvous port on rank 0's host (0: rank 0 picks a free one and tells the others)."""
+    comm_hook: Literal["none", "fp16", "powersgd"] = "none"
+    """What DDP sends for each gradient bucket: the fp32 gradient (``none``); the gradient cast to
+    fp16, half the bytes at ~5e-4 relative rounding (``fp16``); or, after
+    ``powersgd_warmup_steps`` plain steps, PowerSGD's rank-r factors of each weight matrix, with
+    error feedback (``powersgd``; vectors and small matrices go whole). torch's own hooks; not
+    with ``parallel.pipeline_stages`` > 1."""
+    powersgd_rank: int = Field(2, ge=1, le=1024)
+    """PowerSGD's rank r: an n x m gradient matrix travels as (n + m) x r numbers, or whole when
+    that is not at least 2x smaller. Lower is fewer bytes and a coarser gradient."""
+    powersgd_warmup_steps: int = Field(10, ge=2)
+    """Optimizer steps of plain fp32 allreduce before PowerSGD compresses (torch's
+    ``start_powerSGD_iter``; at least 2: DDP rebuilds its buckets after the first step, and
+    PowerSGD's memory is kept per bucket). A resume continues the count."""
 
 
 class LocalConfig(_Section):

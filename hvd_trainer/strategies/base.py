@@ -174,9 +174,10 @@ class Strategy(ABC):
         return self.executor.checkpoint_parts(unwrap(model), optimizer.state_dict())
 
     def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                              payload: dict[str, Any]) -> None:
+                              payload: dict[str, Any]) -> Optional[str]:
         """Load what :meth:`checkpoint_state` wrote (every training rank, the same payload).
-        Raises :class:`ConfigError` when it does not fit this run's model or strategy."""
+        Raises :class:`ConfigError` when it does not fit this run's model or strategy. Returns a
+        note for the user when part of the strategy's own state could not be restored exactly."""
         try:
             model_state, optimizer_state = self.executor.own_state(unwrap(model), payload)
             unwrap(model).load_state_dict(model_state)
@@ -184,6 +185,7 @@ class Strategy(ABC):
         except (RuntimeError, ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"checkpoint: written for another model or optimizer ({first})") from None
+        return None
 
     def check_checkpoint(self, strategy: str, world_size: int) -> int:
         """A checkpoint written by ``strategy`` on ``world_size`` ranks: raise ConfigError when

@@ -8,19 +8,20 @@ from __future__ import annotations
 import gc
 import os
 import socket
-import time
 from datetime import timedelta
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import syncbn
-from ..config import DDPConfig, TrainConfig
-from .base import StepPlan, Strategy, average_op, checked_update, threads_per_rank, unwrap
+from ..config import ConfigError, DDPConfig, TrainConfig
+from .base import NonFiniteGradient, StepPlan, Strategy, average_op, checked_update, threads_per_rank, unwrap
+from .ddp_hooks import CommHook
+
+POWERSGD_KEY = "ddp_powersgd"  # in a checkpoint's optimizer entry: every rank's PowerSGD state
 
 
 def _free_port(host: str) -> int:
@@ -66,8 +67,16 @@ class DDPStrategy(Strategy):
     def __init__(self, cfg: TrainConfig, precision=None, executor=None) -> None:
         super().__init__(cfg, precision, executor)
         self.dcfg = cfg.ddp
-        self.bucket_ready: Optional[float] = None  # set by _timed_allreduce
         self.group = None  # this rank's stage replicas under pipeline stages (None: the world)
+        self.hook = CommHook(self.dcfg)  # prepare() builds the real one, on the group
+        self._model_params: list[torch.Tensor] = []
+
+    @classmethod
+    def check(cls, cfg: TrainConfig, world_size: int) -> None:
+        # under pipeline stages the gradients are averaged after the passes, without DDP's hooks
+        if cfg.ddp.comm_hook != "none" and cfg.parallel.pipeline_stages > 1:
+            raise ConfigError(f"ddp.comm_hook: {cfg.ddp.comm_hook} is not supported with "
+                              f"parallel.pipeline_stages > 1: use none")
 
     def init(self) -> None:
         self.rank, self.size, self.local_rank, self.local_size, method = _rendezvous(self.dcfg)
@@ -99,7 +108,9 @@ class DDPStrategy(Strategy):
         ids = [self.local_rank] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.dcfg.bucket_cap_mb,
                                       process_group=self.group)
-        ddp.register_comm_hook(self, _timed_allreduce)
+        self.hook = CommHook(self.dcfg, self.group, self.cfg.seed)
+        self.hook.register(ddp)
+        self._model_params = list(model.parameters())
         return ddp, optimizer
 
     def sync_batchnorm(self, model: nn.Module) -> nn.Module:
@@ -110,7 +121,7 @@ class DDPStrategy(Strategy):
 
     def train_step(self, model, optimizer, micro_batches, loss_fn, grad_clip):
         optimizer.zero_grad()
-        self.bucket_ready = None
+        self.hook.bucket_ready = None
         if self.group is not None:
             return self._pipelined_step(model, optimizer, micro_batches, loss_fn, grad_clip)
         last = len(micro_batches) - 1
@@ -119,10 +130,14 @@ class DDPStrategy(Strategy):
                                               lambda i: model.no_sync() if i < last else None)
         # backward returns once the buckets' allreduces are done: what followed the last
         # bucket's launch was waiting for the exchange
-        self.phases.lap("compute", at=self.bucket_ready)
+        self.phases.lap("compute", at=self.hook.bucket_ready)
         self.phases.lap("exchange")
         # after backward, every rank holds the average (fp16: unscaled, then checked)
-        checked_update(model, optimizer, grad_clip, self.precision, self.executor.grad_norm)
+        try:
+            checked_update(model, optimizer, grad_clip, self.precision, self.executor.grad_norm)
+        except NonFiniteGradient:
+            self.hook.forget()  # PowerSGD's memory of this step holds NaN: not to be added in later
+            raise
         self.phases.lap("optimizer")
         return loss
 
@@ -167,6 +182,30 @@ class DDPStrategy(Strategy):
         for b in unwrap(model).buffers():
             dist.broadcast(b.data, src=self._stage_root(root_rank), group=self.group)
 
+    def checkpoint_state(self, model, optimizer) -> dict[str, Any]:
+        """With PowerSGD, the optimizer entry also holds every rank's PowerSGD state (each rank's
+        error feedback is its own), in rank order; other strategies ignore it."""
+        parts = super().checkpoint_state(model, optimizer)
+        if self.hook.powersgd is not None:
+            parts["optimizer"] = {**parts["optimizer"], POWERSGD_KEY: self.allgather_object(self.hook.state_dict())}
+        return parts
+
+    def load_checkpoint_state(self, model, optimizer, payload) -> Optional[str]:
+        opt = payload["optimizer"]
+        states = opt.get(POWERSGD_KEY) if isinstance(opt, dict) else None
+        if states is not None:
+            payload = {**payload, "optimizer": {k: v for k, v in opt.items() if k != POWERSGD_KEY}}
+        super().load_checkpoint_state(model, optimizer, payload)
+        if states is not None and len(states) != self.size:
+            states = None  # another world size: no rank's error feedback is this rank's
+        return self.hook.load_state_dict(states[self.rank] if states else None)
+
+    def bytes_per_step(self, step: Optional[int] = None) -> int:
+        """Bytes this rank puts into the gradient allreduces of one optimizer step (``step``:
+        at that step, counting PowerSGD's warm-up; None: once compressing). An estimate from the
+        parameters' sizes; a ring allreduce sends and receives about twice that."""
+        return self.hook.bytes_per_step(self._model_params, step)
+
     def barrier(self) -> None:
         dist.barrier()
 
@@ -187,13 +226,6 @@ class DDPStrategy(Strategy):
 
     def settings(self) -> dict[str, Any]:
         return {"backend": dist.get_backend(), "bucket_cap_mb": self.dcfg.bucket_cap_mb,
-                "threads_per_rank": torch.get_num_threads()}
+                "threads_per_rank": torch.get_num_threads(), **self.hook.settings(),
+                "bytes_per_step": self.bytes_per_step()}
 
-
-# unannotated: DDP checks the hook's annotations against the classes, and this module's
-# annotations are strings (from __future__ import annotations)
-def _timed_allreduce(strategy, bucket):
-    """DDP's own averaging allreduce (the same result as no hook), noting when the last bucket
-    was ready: the end of this rank's backward compute."""
-    strategy.bucket_ready = time.perf_counter()
-    return default_hooks.allreduce_hook(strategy.group, bucket)
