@@ -70,6 +70,7 @@ class DDPStrategy(Strategy):
         self.group = None  # this rank's stage replicas under pipeline stages (None: the world)
         self.hook = CommHook(self.dcfg)  # prepare() builds the real one, on the group
         self._model_params: list[torch.Tensor] = []
+        self._steps = 0  # optimizer steps taken, for the traffic estimate (PowerSGD's warm-up)
 
     @classmethod
     def check(cls, cfg: TrainConfig, world_size: int) -> None:
@@ -132,6 +133,9 @@ class DDPStrategy(Strategy):
         # bucket's launch was waiting for the exchange
         self.phases.lap("compute", at=self.hook.bucket_ready)
         self.phases.lap("exchange")
+        n = self.dp_size  # a ring sends 2 (N-1)/N of what goes in
+        self.bytes_sent += int(2 * (n - 1) / n * self.bytes_per_step(self._steps)) if n > 1 else 0
+        self._steps += 1
         # after backward, every rank holds the average (fp16: unscaled, then checked)
         try:
             checked_update(model, optimizer, grad_clip, self.precision, self.executor.grad_norm)
@@ -196,6 +200,7 @@ class DDPStrategy(Strategy):
         if states is not None:
             payload = {**payload, "optimizer": {k: v for k, v in opt.items() if k != POWERSGD_KEY}}
         super().load_checkpoint_state(model, optimizer, payload)
+        self._steps = int(payload["step"])
         if states is not None and len(states) != self.size:
             states = None  # another world size: no rank's error feedback is this rank's
         return self.hook.load_state_dict(states[self.rank] if states else None)
