@@ -49,7 +49,9 @@ class RunData:
             if getattr(self.train, "rank_local", False):  # its files were dealt to the old ranks
                 raise ConfigError("data.name: shards cannot be re-dealt to a changed number of ranks (elastic)")
             self.close()
-        self.batches = make_batches(self.train, cfg.batch_size, s.dp_rank, s.dp_size, cfg.seed, cfg.data, s.device)
+        self.batches = s.training_batches(self.train, cfg)
+        if self.batches is None:
+            self.batches = make_batches(self.train, cfg.batch_size, s.dp_rank, s.dp_size, cfg.seed, cfg.data, s.device)
         k = cfg.optim.accumulation_steps
         self.steps_per_epoch = len(self.batches) // k  # a trailing group of < k micro-batches is dropped
         if self.steps_per_epoch == 0:  # the same verdict on every rank

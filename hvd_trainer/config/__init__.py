@@ -11,9 +11,9 @@ verdict before any collective is entered.
 """
 from .loading import (BUILTIN, check_agreement, first_difference, from_dict, load_config, parse_overrides,
                       replace)
-from .sections import (INT_LIMIT, CheckpointConfig, ConfigError, DataConfig, DDPConfig, HorovodConfig, LocalConfig,
+from .sections import (INT_LIMIT, CheckpointConfig, ConfigError, DataConfig, DDPConfig, FedAvgConfig, HorovodConfig, LocalConfig,
                        ModelConfig, OptimConfig, ParallelConfig, PSConfig, RuntimeConfig, TrainConfig)
 
-__all__ = ["BUILTIN", "INT_LIMIT", "CheckpointConfig", "ConfigError", "DDPConfig", "DataConfig", "HorovodConfig", "LocalConfig",
+__all__ = ["BUILTIN", "INT_LIMIT", "CheckpointConfig", "ConfigError", "DDPConfig", "DataConfig", "FedAvgConfig", "HorovodConfig", "LocalConfig",
            "ModelConfig", "OptimConfig", "ParallelConfig", "PSConfig", "RuntimeConfig", "TrainConfig", "check_agreement",
            "first_difference", "from_dict", "load_config", "parse_overrides", "replace"]

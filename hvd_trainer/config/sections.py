@@ -236,6 +236,21 @@ class LocalConfig(_Section):
     """DiLoCo's outer Nesterov momentum (``outer: nesterov``)."""
 
 
+class FedAvgConfig(_Section):
+    clients: int = Field(20, ge=1, le=1_000_000)
+    """For ``strategy: fedavg``: K virtual clients, each holding a part of the training set;
+    each rank simulates its share of a round's clients one after another."""
+    fraction: float = Field(0.5, gt=0.0, le=1.0)
+    """C: the share of clients sampled (seeded) to train in each round."""
+    local_epochs: int = Field(1, ge=1, le=10_000)
+    """E: epochs a sampled client trains over its own data, at ``batch_size``, each round."""
+    alpha: Optional[float] = Field(None, gt=0.0)
+    """Non-IID clients: each class's samples are dealt to the clients in Dirichlet(alpha)
+    proportions (small alpha: few classes per client). None: IID, a seeded even split."""
+    mu: float = Field(0.0, ge=0.0)
+    """FedProx: a client's loss gains mu/2 * ||w - w_global||^2 (0: plain FedAvg)."""
+
+
 class ParallelConfig(_Section):
     pipeline_stages: int = Field(1, ge=1, le=1024)
     """Pipeline stages P: the model is cut into P stages of consecutive blocks, one per rank, and
@@ -272,10 +287,11 @@ class PSConfig(_Section):
 
 
 class TrainConfig(_Section):
-    strategy: Literal["horovod", "ddp", "ps", "local_sgd", "single"] = "horovod"
+    strategy: Literal["horovod", "ddp", "ps", "local_sgd", "fedavg", "single"] = "horovod"
     """How gradients are exchanged: Horovod ring-allreduce, torch DDP over gloo, the mpi4py
     parameter server, local SGD / DiLoCo (Horovod averages parameters every ``local.sync_every``
-    steps), or ``single``: one process without MPI (no exchange)."""
+    steps), ``fedavg`` (virtual clients, a weighted mean each round), or ``single``: one process
+    without MPI (no exchange)."""
     seed: int = 0
     """Seeds model init, data order and every rank's RNG."""
     epochs: int = Field(10, ge=1)
@@ -295,6 +311,7 @@ class TrainConfig(_Section):
     ps: PSConfig = Field(default_factory=PSConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     local: LocalConfig = Field(default_factory=LocalConfig)
+    fedavg: FedAvgConfig = Field(default_factory=FedAvgConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 

@@ -18,6 +18,9 @@ def strategy_class(name: str) -> type[Strategy]:
             return ElasticHorovodStrategy
         from .horovod import HorovodStrategy
         return HorovodStrategy
+    if name == "fedavg":
+        from .fedavg import FedAvgStrategy
+        return FedAvgStrategy
     if name == "local_sgd":
         from .local_sgd import LocalSGDStrategy
         return LocalSGDStrategy

@@ -133,6 +133,13 @@ class Strategy(ABC):
         ranks 0..train_size-1, and object collectives return theirs in that order."""
         return self.dp_size * self.layout.stages
 
+    def training_batches(self, train: Any, cfg: TrainConfig) -> Optional[Any]:
+        """This rank's training batches when the strategy deals the data itself (FedAvg's
+        clients), else None: the loop's shard of ``train``. The batches' interface is
+        :class:`~hvd_trainer.data.sharding.ShardedBatches`'s; every training rank must get the
+        same number per epoch."""
+        return None
+
     @property
     def lr_ranks(self) -> int:
         """The rank count the lr scaling rule applies to (the ranks averaged into one step)."""
