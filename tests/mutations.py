@@ -224,6 +224,18 @@ MUTATIONS: list[Mutation] = [
         "        self.own_state = False  # mutation: rank 0's state is broadcast over the others' own",
         ("tests/parallel/test_local_sgd.py::test_ranks_agree_after_each_averaging_and_a_mid_round_stop_resumes_exactly[nesterov]",),
         "a mid-round resume continues each rank from its own state"),
+    Mutation(
+        "fedavg_unweighted_mean", "hvd_trainer/strategies/fedavg/strategy.py",
+        "        self.total += n * self._flat()\n        self.weight += n",
+        "        self.total += self._flat()\n        self.weight += 1  # mutation: every client counts the same",
+        ("tests/parallel/test_fedavg.py::test_a_round_of_full_batch_clients_is_one_gradient_step_on_the_whole_set",),
+        "the round's mean is weighted by the clients' sample counts"),
+    Mutation(
+        "fedavg_resume_drops_partial_sums", "hvd_trainer/strategies/fedavg/strategy.py",
+        "            self.total, self.weight = own[\"total\"].clone(), float(own[\"weight\"])",
+        "            pass  # mutation: the clients trained before the stop are forgotten",
+        ("tests/parallel/test_fedavg.py::test_a_stop_between_two_clients_of_a_round_resumes_exactly",),
+        "a stop between two clients of a round resumes exactly"),
 ]
 
 

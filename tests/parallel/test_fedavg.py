@@ -10,12 +10,15 @@ BASE = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "optim.name=s
 
 
 def test_a_round_of_full_batch_clients_is_one_gradient_step_on_the_whole_set(tmp_path):
-    # 2 IID clients of 719 samples, both in every round, one local step each over all their data:
-    # the mean weighted by n_k of their steps is the full-batch gradient step (the loop's one
-    # process at batch 1438, one step an epoch)
-    fed = train_params(2, tmp_path / "fed", BASE + ["strategy=fedavg", "fedavg.clients=2", "fedavg.fraction=1",
-                                                     "fedavg.local_epochs=1", "batch_size=1438"])
+    # 4 non-IID clients of unequal size, all in every round, one local step each over all their
+    # data: sum_k n_k (w - lr g_k) / n = w - lr * (the whole set's gradient), for any split, if and
+    # only if the mean is weighted by n_k. The reference: one process at batch 1438 (the whole
+    # training set), one step an epoch.
+    fed = train_params(2, tmp_path / "fed", BASE + ["strategy=fedavg", "fedavg.clients=4", "fedavg.alpha=0.3",
+                                                     "fedavg.fraction=1", "fedavg.local_epochs=1", "batch_size=1438"])
     one = train_local(tmp_path / "one", BASE + ["batch_size=1438"])
+    sizes = summary(tmp_path / "fed")["clients"]["sizes"]
+    assert max(sizes) > 1.5 * min(sizes), sizes  # unequal: an unweighted mean would differ
     assert_same(fed[0], fed[1], exact=True)
     assert_same(fed[0], one)
 
