@@ -91,3 +91,10 @@ def test_a_stopped_pipeline_stage_ends_the_job_naming_it(tmp_path):
     rng = random.Random("stop-pipeline")
     print(_run_and_lose_a_rank(tmp_path, "horovod", signal.SIGSTOP, rng,
                                extra=["parallel.pipeline_stages=2", "parallel.microbatches=4"]))
+
+
+def test_a_stopped_fedavg_rank_ends_the_job_naming_it(tmp_path):
+    # between two rounds' means no collective runs at all: only the heartbeat can notice
+    rng = random.Random("stop-fedavg")
+    print(_run_and_lose_a_rank(tmp_path, "horovod", signal.SIGSTOP, rng,
+                               extra=["strategy=fedavg", "fedavg.clients=8", "fedavg.local_epochs=3"]))

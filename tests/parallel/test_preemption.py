@@ -14,10 +14,11 @@ from hvd_trainer.runtime.errors import EXIT_PREEMPTED
 from mpi_jobs import mpirun_command
 from running import RunningJob, metrics_rows
 
-NP = {"horovod": 2, "ddp": 2, "ps": 3, "pipeline": 4, "local_sgd": 2}
+NP = {"horovod": 2, "ddp": 2, "ps": 3, "pipeline": 4, "local_sgd": 2, "fedavg": 2}
 # "pipeline": 2 replicas x 2 stages, Horovod between the replicas of a stage
 STRATEGY = {"pipeline": ["strategy=horovod", "parallel.pipeline_stages=2", "parallel.microbatches=2"],
-            "local_sgd": ["strategy=local_sgd", "local.sync_every=4"]}  # stopped mid-round, most likely
+            "local_sgd": ["strategy=local_sgd", "local.sync_every=4"],  # stopped mid-round, most likely
+            "fedavg": ["strategy=fedavg", "fedavg.clients=16", "fedavg.fraction=0.5"]}  # 4 clients a rank a round
 # 4 epochs of digits; no periodic checkpoints, so the only one before the end is the stop's
 ARGS = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "epochs=4", "checkpoint.every_epochs=0",
         "runtime.progress=false"]
@@ -32,7 +33,7 @@ def _program(strategy, run_dir, slow=False):
     return [sys.executable, WORKER, *ARGS, *pause, *how, f"run_dir={run_dir}"]
 
 
-@pytest.mark.parametrize("strategy", ["horovod", "ddp", "ps", "pipeline", "local_sgd"])
+@pytest.mark.parametrize("strategy", ["horovod", "ddp", "ps", "pipeline", "local_sgd", "fedavg"])
 def test_a_signal_on_one_rank_stops_all_with_one_checkpoint_and_resume_is_exact(tmp_path, strategy):
     np = NP[strategy]
     mpirun(np, _program(strategy, tmp_path / "whole"), timeout=180)
