@@ -65,6 +65,16 @@ def variants() -> dict[str, tuple[int, int]]:
     return {"ring": (WORKERS, 0), **{f"ps k={k}": (WORKERS, k) for k in SERVERS}}
 
 
+def testbed_launcher(tb, commands: dict[str, str], name: str) -> Callable:
+    """An mpirun command builder over the testbed's first ``np`` hosts, run from host 1, that
+    records the first command of ``name`` (for the report)."""
+    def command(np: int, program: list[str], env: dict[str, str]) -> list[str]:
+        cmd = tb.on_host(tb.hosts[0], tb.mpirun_command(program, hosts=np, env=env))
+        commands.setdefault(name, shlex.join(cmd))
+        return cmd
+    return command
+
+
 def cap_label(cap: Optional[float]) -> str:
     if cap is None:
         return "uncapped"
@@ -119,11 +129,7 @@ def run(bench: Bench) -> dict:
         "timed_epochs": timed_epochs(mode), "caps": [], "commands": {}}
     with Testbed(hosts_count=HOSTS) as tb:
         def launcher(kind: str) -> Callable:
-            def command(np: int, program: list[str], env: dict[str, str]) -> list[str]:
-                cmd = tb.on_host(tb.hosts[0], tb.mpirun_command(program, hosts=np, env=env))
-                result["commands"].setdefault(kind, shlex.join(cmd))
-                return cmd
-            return command
+            return testbed_launcher(tb, result["commands"], kind)
 
         for cap in mode.caps_mbit:
             for h in tb.hosts:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -191,6 +190,8 @@ def run(bench: Bench) -> dict:
     """Every cap on one testbed of ``WORKERS`` hosts (torn down on any exit)."""
     from mpi_jobs.testbed import Testbed, unavailable_reason
 
+    from .links import testbed_launcher
+
     reason = unavailable_reason()
     if reason is not None:
         return {"skipped": f"hosts testbed unavailable: {reason}"}
@@ -208,11 +209,7 @@ def run(bench: Bench) -> dict:
         result["not_run"][POWERSGD] = missing
     with Testbed(hosts_count=WORKERS) as tb:
         def launcher(name: str) -> Callable:
-            def command(np: int, program: list[str], env: dict[str, str]) -> list[str]:
-                cmd = tb.on_host(tb.hosts[0], tb.mpirun_command(program, hosts=np, env=env))
-                result["commands"].setdefault(name, shlex.join(cmd))
-                return cmd
-            return command
+            return testbed_launcher(tb, result["commands"], name)
 
         for cap in CAPS:
             for h in tb.hosts:

@@ -231,6 +231,18 @@ class Strategy(ABC):
         return {}
 
 
+def per_rank_checkpoint(name: str, size: int, written_by: str, world_size: int, why: str) -> int:
+    """:meth:`Strategy.check_checkpoint` for a strategy whose checkpoints hold every rank's own
+    state (``why`` it cannot be re-dealt): its own on the same ranks, or a replicated one."""
+    if written_by == name and world_size != size:
+        raise ConfigError(f"checkpoint: written by strategy={name} on {world_size} ranks, this run has "
+                          f"{size}: {why}; resume on {world_size}")
+    if written_by != name and written_by not in REPLICATED:
+        raise ConfigError(f"checkpoint: written by strategy={written_by}, this run is strategy={name}: "
+                          f"set checkpoint.resume=never or another run_dir")
+    return world_size
+
+
 class NonFiniteGradient(RuntimeError):
     """Raised by ``train_step`` when the gradient it would apply holds NaN or infinity; the
     update was not applied. Horovod and DDP check the averaged gradient, which is the same on

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ConfigError, TrainConfig
 from ..execution import LossFn
-from .base import REPLICATED, StepPlan, checked_update, ring_bytes, unwrap
+from .base import StepPlan, checked_update, per_rank_checkpoint, ring_bytes, unwrap
 from .horovod import HorovodStrategy
 
 
@@ -136,13 +136,8 @@ class LocalSGDStrategy(HorovodStrategy):
                                                                     "syncs": self.syncs}}}
 
     def check_checkpoint(self, strategy: str, world_size: int) -> int:
-        if strategy == self.name and world_size != self.size:
-            raise ConfigError(f"checkpoint: written by strategy=local_sgd on {world_size} ranks, this run has "
-                              f"{self.size}: each rank's own state cannot be re-dealt; resume on {world_size}")
-        if strategy != self.name and strategy not in REPLICATED:
-            raise ConfigError(f"checkpoint: written by strategy={strategy}, this run is strategy=local_sgd: "
-                              f"set checkpoint.resume=never or another run_dir")
-        return world_size
+        return per_rank_checkpoint(self.name, self.size, strategy, world_size,
+                                   "each rank's own state cannot be re-dealt")
 
     def load_checkpoint_state(self, model, optimizer, payload) -> None:
         saved = payload["optimizer"].get("local_sgd") if isinstance(payload["optimizer"], dict) else None

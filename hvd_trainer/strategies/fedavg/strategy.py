@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 
 from ...config import ConfigError, TrainConfig
 from ...execution import LossFn
-from ..base import REPLICATED, StepPlan, checked_update, ring_bytes, unwrap
+from ..base import StepPlan, checked_update, per_rank_checkpoint, ring_bytes, unwrap
 from ..horovod import HorovodStrategy
 from .partition import weighted_mean
 from .rounds import ClientRounds
@@ -163,13 +163,8 @@ class FedAvgStrategy(HorovodStrategy):
                                                                 "rounds": self.rounds_done}}}
 
     def check_checkpoint(self, strategy: str, world_size: int) -> int:
-        if strategy == self.name and world_size != self.size:
-            raise ConfigError(f"checkpoint: written by strategy=fedavg on {world_size} ranks, this run has "
-                              f"{self.size}: its clients' partial sums cannot be re-dealt; resume on {world_size}")
-        if strategy != self.name and strategy not in REPLICATED:
-            raise ConfigError(f"checkpoint: written by strategy={strategy}, this run is strategy=fedavg: "
-                              f"set checkpoint.resume=never or another run_dir")
-        return world_size
+        return per_rank_checkpoint(self.name, self.size, strategy, world_size,
+                                   "its clients' partial sums cannot be re-dealt")
 
     def load_checkpoint_state(self, model, optimizer, payload) -> Optional[str]:
         unwrap(model).load_state_dict(payload["model"])  # the global model
