@@ -15,10 +15,16 @@ MLP = ["data.name=digits", "model.name=mlp", "model.hidden=[32]", "epochs=2", "c
        "checkpoint.resume=never", "runtime.progress=false"]
 
 
-@pytest.mark.parametrize("strategy", ["horovod", "ddp"])
+# "pipeline": rank 1 is the last of 2 stages, the only one that computes a loss; stage 0 (rank 0,
+# which writes the summary) must skip the same steps through the norm summed over the stages
+HOW = {"horovod": ["strategy=horovod"], "ddp": ["strategy=ddp"],
+       "pipeline": ["strategy=horovod", "parallel.pipeline_stages=2", "parallel.microbatches=2"]}
+
+
+@pytest.mark.parametrize("strategy", ["horovod", "ddp", "pipeline"])
 def test_skip_leaves_replicas_equal_finite_and_counted(tmp_path, strategy):
     # rank 1's loss is NaN at two steps: the averaged gradient is NaN on every rank
-    params = train_params(2, tmp_path, MLP + [f"strategy={strategy}", "optim.nonfinite=skip",
+    params = train_params(2, tmp_path, MLP + [*HOW[strategy], "optim.nonfinite=skip",
                                               "test.nan_rank=1", "test.nan_steps=5,30"])
     assert_same(params[0], params[1], exact=True)
     assert all(bool(torch.isfinite(t).all()) for t in params[0].values() if t.is_floating_point())
