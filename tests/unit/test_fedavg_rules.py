@@ -95,9 +95,13 @@ def test_bad_fedavg_settings_name_the_key(override, key):
         load_config("digits", ["strategy=fedavg", override])
 
 
-def test_more_ranks_than_clients_is_refused():
+@pytest.mark.parametrize("override,world,message", [
+    ("fedavg.clients=2", 3, "fedavg.clients: 2 clients for 3 ranks"),
+    ("optim.accumulation_steps=2", 2, "optim.accumulation_steps: must be 1"),
+    ("model.sync_batchnorm=true", 2, "model.sync_batchnorm: not supported with strategy fedavg")])
+def test_what_fedavg_cannot_run_is_refused_before_any_collective(override, world, message):
     from hvd_trainer.strategies import strategy_class
 
-    cfg = load_config("digits", ["strategy=fedavg", "fedavg.clients=2"])
-    with pytest.raises(ConfigError, match="fedavg.clients: 2 clients for 3 ranks"):
-        strategy_class("fedavg").check(cfg, 3)
+    cfg = load_config("digits", ["strategy=fedavg", override])
+    with pytest.raises(ConfigError, match=message):
+        strategy_class("fedavg").check(cfg, world)

@@ -59,6 +59,8 @@ class FedAvgStrategy(HorovodStrategy):
                               "local epochs are its steps)")
         if cfg.horovod.op == "adasum":
             raise ConfigError("horovod.op: adasum is not supported with strategy fedavg")
+        if cfg.model.sync_batchnorm:  # a collective in every forward, and the ranks' clients differ in size
+            raise ConfigError("model.sync_batchnorm: not supported with strategy fedavg")
 
     @property
     def lr_ranks(self) -> int:
