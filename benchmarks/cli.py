@@ -6,6 +6,7 @@
     hvd-bench --quick --only monitoring    # what TensorBoard and the Prometheus sink cost the trainer
     hvd-bench --quick --only pipeline      # pipeline stages on the transformer: bubble, memory, convergence
     hvd-bench --quick --only rare          # local SGD, DiLoCo, PowerSGD: time to target on capped links
+    hvd-bench --quick --only fedavg        # FedAvg over non-IID clients: accuracy against rounds, FedProx
     hvd-bench --report-only --out DIR      # redraw the report and plots from DIR/results.json
     hvd-bench --advise --params 25.6e6 --workers 64 --link-gbit 25 [--sync-every 4,16,64]
 
@@ -34,7 +35,7 @@ class _Sections(dict):
         return self[name]
 
 
-SECTION_NAMES = ("collectives", "throughput", "links", "convergence", "monitoring", "pipeline", "rare")
+SECTION_NAMES = ("collectives", "throughput", "links", "convergence", "monitoring", "pipeline", "rare", "fedavg")
 # a section whose module is named otherwise (benchmarks/pipeline.py is the data pipeline's)
 MODULES = {"pipeline": "pipeline_parallel"}
 SECTIONS = _Sections()
