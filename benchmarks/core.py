@@ -59,6 +59,17 @@ def emit(obj: Any) -> None:
     print(MARK + json.dumps(obj), flush=True)
 
 
+def median_range(s: Optional[dict], spec: str, scale: float = 1.0, runs: Optional[int] = None) -> str:
+    """A :func:`summary` as "median [min..max]" (and how many of ``runs`` it holds), or "not
+    reached" for None."""
+    if s is None:
+        return "not reached"
+    text = format(s["median"] * scale, spec)
+    if s["n"] > 1:
+        text += f" [{format(s['min'] * scale, spec)}..{format(s['max'] * scale, spec)}]"
+    return text + (f" ({s['n']}/{runs} runs)" if runs and s["n"] < runs else "")
+
+
 def summary(values: Sequence[float]) -> dict[str, Any]:
     """Median with its spread: the figure every table shows."""
     vals = [float(v) for v in values]

@@ -241,13 +241,7 @@ def _probe_bytes(cap: Optional[float]) -> int:
 
 
 # --- the report --------------------------------------------------------------------------------------
-def _q(s: Optional[dict], spec: str, scale: float = 1.0, runs: Optional[int] = None) -> str:
-    if s is None:
-        return "not reached"
-    text = format(s["median"] * scale, spec)
-    if s["n"] > 1:
-        text += f" [{format(s['min'] * scale, spec)}..{format(s['max'] * scale, spec)}]"
-    return text + (f" ({s['n']}/{runs} runs)" if runs and s["n"] < runs else "")
+_q = core.median_range
 
 
 def _bytes(v: dict) -> str:
