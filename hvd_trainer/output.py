@@ -12,11 +12,15 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
+from .runtime import world
+
 
 class Output:
     def __init__(self, run_dir: str, rank: int, progress: bool, log_every_rank: bool) -> None:
         self.rank = rank
         self.is_main = rank == 0
+        scope = world.scope()  # several runs share one output (hvd-tune): say whose line it is
+        self.prefix = f"[{scope.label}] " if scope is not None else ""
         self.run_dir = Path(run_dir)
         self.progress_enabled = progress and self.is_main
         self._log = None
@@ -39,7 +43,7 @@ class Output:
     def print(self, msg: str) -> None:
         """Rank 0 prints (above the progress bar); every rank with a log file records it."""
         if self.is_main:
-            tqdm.write(msg, file=sys.stdout)
+            tqdm.write(self.prefix + msg, file=sys.stdout)
         self.log_rank(msg)
 
     def log_rank(self, msg: str) -> None:

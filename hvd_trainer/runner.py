@@ -21,11 +21,12 @@ from .config import ConfigError, TrainConfig, check_agreement
 from .data.validation import BadSample
 from .execution import LossFn
 from .parallel.executor import check_pipeline, make_executor
+from .runtime import world
 from .runtime.control import ControlPlane, open_control_plane
 from .runtime.errors import NonFiniteError, Preempted
 from .runtime.launch_env import abort_job, apply_mpi_defaults, launched_by_mpi
 from .strategies import make_strategy
-from .trainer import Trainer
+from .trainer import EpochHook, Trainer
 
 
 def _agree_on_config(cfg: TrainConfig) -> None:
@@ -34,18 +35,19 @@ def _agree_on_config(cfg: TrainConfig) -> None:
     strategy starts. (Under horovodrun's Gloo controller the model/data check still runs.)"""
     if not launched_by_mpi():
         return
-    from mpi4py import MPI
-
-    check_agreement(MPI.COMM_WORLD.allgather(cfg.to_dict()), "config")
+    check_agreement(world.comm().allgather(cfg.to_dict()), "config")
 
 
 def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Optional[Dataset] = None,
           test_data: Optional[Dataset] = None, loss_fn: Optional[LossFn] = None,
-          on_end: Optional[Callable[[Trainer], Any]] = None) -> dict[str, Any]:
+          on_end: Optional[Callable[[Trainer], Any]] = None,
+          on_epoch: Optional[EpochHook] = None) -> dict[str, Any]:
     """Run ``cfg`` on this rank: every rank of the job calls it. Returns the run's summary on
     every training rank (rank 0's, which also lands in ``run_dir/summary.json``), ``{}`` on a
     parameter-server rank. ``on_end(trainer)`` runs on every training rank after the last step,
-    before teardown (to save or inspect the final model)."""
+    before teardown (to save or inspect the final model). ``on_epoch(trainer, evaluation)``
+    runs on every training rank after each epoch's evaluation and returns why to stop there, or
+    None; it must give every rank the same answer (hvd-tune's pruner broadcasts its verdict)."""
     apply_mpi_defaults()
     _agree_on_config(cfg)
     strategy = make_strategy(cfg)
@@ -71,7 +73,7 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Op
             duty()
         else:
             trainer = Trainer(cfg, strategy, model=model, train_data=train_data, test_data=test_data,
-                              loss_fn=loss_fn, control=control)
+                              loss_fn=loss_fn, control=control, on_epoch=on_epoch)
             try:
                 summary = trainer.fit()
                 if on_end is not None:
@@ -83,7 +85,7 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Op
     except BadSample as err:  # found on this rank alone: the others cannot know, so end the job
         if strategy.size <= 1:
             raise
-        print(f"hvd-train: config error: {err}", file=sys.stderr, flush=True)
+        print(f"hvd-train: {world.who(strategy.rank)}: config error: {err}", file=sys.stderr, flush=True)
         abort_job(2)
     except ConfigError as err:
         teardown(reason=str(err))
@@ -96,7 +98,10 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Op
     except NonFiniteError as err:
         if strategy.size <= 1:
             raise
-        print(f"hvd-train: rank {strategy.rank}: {err}", file=sys.stderr, flush=True)
+        if world.scope() is not None and type(strategy).agreed_nonfinite:
+            teardown(reason=str(err))  # every rank of the group is here, at the same step
+            raise
+        print(f"hvd-train: {world.who(strategy.rank)}: {err}", file=sys.stderr, flush=True)
         abort_job(1)
     except BaseException as err:  # noqa: BLE001 - one failing rank must end the job, not hang it
         if strategy.size <= 1 or (isinstance(err, SystemExit) and not err.code):
@@ -105,7 +110,7 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Op
         lost = control.lost_peers_message(strategy.rank) if control is not None else None
         if lost:  # a peer died or froze, and this rank's collective failed on it: name the cause
             print(f"hvd-train: {lost}", file=sys.stderr)
-        print(f"hvd-train: rank {strategy.rank} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"hvd-train: {world.who(strategy.rank)} failed: {type(err).__name__}: {err}", file=sys.stderr)
         traceback.print_exc()
         sys.stderr.flush()
         abort_job(1)

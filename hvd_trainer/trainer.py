@@ -11,7 +11,7 @@ stop). Every method is called by all training ranks of the job; ranks with anoth
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -30,6 +30,10 @@ from .runtime.control import ControlPlane, StopSignals
 from .runtime.errors import Preempted
 from .strategies.base import NonFiniteGradient, Strategy, unwrap
 
+# after each epoch's evaluation, every training rank: why to stop here (the same on every
+# rank), or None
+EpochHook = Callable[["Trainer", dict[str, float]], Optional[str]]
+
 
 class Trainer:
     """Build with a config and an initialised strategy (and optionally your own model, data sets
@@ -40,7 +44,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, strategy: Strategy, *, model: Optional[nn.Module] = None,
                  train_data: Optional[Dataset] = None, test_data: Optional[Dataset] = None,
-                 loss_fn: Optional[LossFn] = None, control: Optional[ControlPlane] = None) -> None:
+                 loss_fn: Optional[LossFn] = None, control: Optional[ControlPlane] = None,
+                 on_epoch: Optional[EpochHook] = None) -> None:
         self.cfg, self.strategy = cfg, strategy
         self.control = control or ControlPlane(StopSignals(()))
         self.out = Output(cfg.run_dir, strategy.rank, cfg.runtime.progress, cfg.runtime.log_every_rank)
@@ -55,7 +60,9 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.run_dir, strategy, self.out, cfg.model.sync_batchnorm)
         self.guard = NonFiniteGuard(cfg.optim, self.out, self.checkpoints)
         self.evaluator = Evaluator(cfg, strategy, self.data, self.loss_fn)
+        self.on_epoch = on_epoch
         self.stop_requested = self.preempted = False
+        self.stopped_by: Optional[str] = None  # why the run ended before cfg.epochs, if it did
 
     @property
     def step(self) -> int:
@@ -83,10 +90,13 @@ class Trainer:
             with self.monitor.evaluating():
                 evaluation = self.evaluator.evaluate(self.state.model, self._to_device)
             self.reporter.epoch_row(self.state, evaluation)
+            if self.on_epoch is not None and (reason := self.on_epoch(self, evaluation)):
+                self.stop_requested, self.stopped_by = True, reason
             self.checkpoints.after_epoch(self.state, completed)
             self.strategy.step_done(self.state.step, epoch_end=True)  # after the epoch's row is out
         self.checkpoints.at_end(self.state)
-        extra = {"resumed_from_step": self.checkpoints.resumed_step, "bad_samples": d.bad_samples()}
+        extra = {"resumed_from_step": self.checkpoints.resumed_step, "bad_samples": d.bad_samples(),
+                 "stopped_by": self.stopped_by}
         summary = self.reporter.summary(self.state, self.n_params, d.info, extra)
         self.monitor.close(summary)
         return summary

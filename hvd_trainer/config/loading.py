@@ -65,17 +65,19 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` laid over it, section by section."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
 
 
-def _format(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
+    """pydantic's first error as the one line a user sees (``key.sub: what is wrong``)."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
     ctx_err = (first.get("ctx") or {}).get("error")
@@ -92,33 +94,43 @@ def from_dict(tree: dict[str, Any]) -> TrainConfig:
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format(err)) from None
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def read_tree(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in a YAML file, or in a built-in config by name (``"digits"``)."""
+    p = Path(path)
+    builtin = BUILTIN / f"{p.name}.yaml"
+    if not p.is_file() and str(path) == p.name and builtin.is_file():
+        p = builtin  # a name, as ``hvd-train digits`` takes it; a file of that name wins
+    if not p.is_file():
+        names = ", ".join(sorted(q.stem for q in builtin.parent.glob("*.yaml")))
+        raise ConfigError(f"config: no file {str(path)!r} and no built-in config of that name "
+                          f"(built-in: {names})")
+    try:
+        loaded = _yaml(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config: {p} is not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {p} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config: {p} must hold a mapping at the top level")
+    return loaded or {}
 
 
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
     """Load a YAML file, or a built-in config by name (``"digits"``: ``hvd_trainer/configs/``), or
     only defaults when ``path`` is None; then apply ``KEY=VALUE`` overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        builtin = BUILTIN / f"{p.name}.yaml"
-        if not p.is_file() and str(path) == p.name and builtin.is_file():
-            p = builtin  # a name, as ``hvd-train digits`` takes it; a file of that name wins
-        if not p.is_file():
-            names = ", ".join(sorted(q.stem for q in builtin.parent.glob("*.yaml")))
-            raise ConfigError(f"config: no file {str(path)!r} and no built-in config of that name "
-                              f"(built-in: {names})")
-        try:
-            loaded = _yaml(p.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"config: {p} is not UTF-8 text (byte {err.start})") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config: {p} is not valid YAML ({str(err).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config: {p} must hold a mapping at the top level")
-        tree = loaded or {}
-    tree = _merge(tree, parse_overrides(overrides or []))
-    return from_dict(tree)
+    tree = read_tree(path) if path is not None else {}
+    return from_dict(merge_trees(tree, parse_overrides(overrides or [])))
+
+
+def with_settings(tree: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with dotted keys set to values already typed (not YAML text)."""
+    extra: dict[str, Any] = {}
+    for key, value in settings.items():
+        _set_dotted(extra, key, value)
+    return merge_trees(tree, extra)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

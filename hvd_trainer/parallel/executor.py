@@ -27,6 +27,7 @@ from ..config import ConfigError
 from ..execution import Batch, LocalExecutor, LossFn
 from ..monitor.phases import StepPhases
 from ..precision import Precision
+from ..runtime import world as run_world
 from .layout import Layout
 from .schedule import actions
 from .stages import Stage, cut
@@ -55,7 +56,7 @@ class PipelineExecutor:
         # "exchange", the rest of the schedule to "compute"
         self.phases = phases or StepPhases()
         # collective over COMM_WORLD: every rank builds its pipeline's communicator, ranked by stage
-        self.comm = MPI.COMM_WORLD.Split(color=self.replica, key=self.stage)
+        self.comm = run_world.comm().Split(color=self.replica, key=self.stage)
         self.first, self.last = self.stage == 0, self.stage == self.stages - 1
 
     # --- the model -------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ class PipelineExecutor:
 
     def describe(self) -> list[str]:
         """Collective: the layout, one line per replica (rank 0 prints it)."""
-        return self.layout.describe(self.MPI.COMM_WORLD.allgather(self.MPI.Get_processor_name()))
+        return self.layout.describe(run_world.comm().allgather(self.MPI.Get_processor_name()))
 
     def close(self) -> None:
         self.comm.Free()

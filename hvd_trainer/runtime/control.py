@@ -40,6 +40,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .errors import EXIT_PREEMPTED  # noqa: F401 - re-exported: what a stop exits with
+from . import world
 from .launch_env import abort_job, launched_by_mpi
 from .protocols import Message, Node
 
@@ -50,13 +51,23 @@ class StopSignals:
     def __init__(self, names: Sequence[str]) -> None:
         self.received: Optional[str] = None
         self._previous = {}
+        # the catcher of an enclosing loop (hvd-tune's, around a trial): a stop it caught before
+        # this one was set counts here, and one caught here counts there
+        self.outer: Optional[StopSignals] = None
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread (an embedding app's job)
         for name in names:
             sig = getattr(signal, f"SIG{name}")
             self._previous[sig] = signal.signal(sig, self._handle)
+            owner = getattr(self._previous[sig], "__self__", None)
+            if isinstance(owner, StopSignals):
+                self.outer = owner
+        if self.outer is not None:
+            self.received = self.outer.received
 
     def _handle(self, signum, frame) -> None:
+        if self.outer is not None and self.outer.received is None:
+            self.outer.received = signal.Signals(signum).name
         if self.received is None:
             self.received = signal.Signals(signum).name
             print(f"hvd-train: {self.received} received: stopping at the next step boundary, "
@@ -128,7 +139,7 @@ class MPIControlPlane(ControlPlane):
         from mpi4py import MPI
 
         self.MPI = MPI
-        self.comm = MPI.COMM_WORLD.Dup()
+        self.comm = world.comm().Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         info = self.comm.allgather((socket.gethostname(), bool(is_training)))  # collective
         self.hosts = [h for h, _ in info]

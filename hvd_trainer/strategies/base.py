@@ -60,6 +60,9 @@ class Strategy(ABC):
 
     name: str = "base"
     pipelines: bool = False  # whether the replicas of a pipeline stage can exchange through it
+    # whether every training rank reaches the same non-finite verdict at the same step (it is
+    # taken on what all hold alike); then a NaN can end one run without ending the job
+    agreed_nonfinite: bool = True
     rank: int = 0
     size: int = 1
     local_rank: int = 0

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import syncbn
 from ..config import ConfigError, DDPConfig, TrainConfig
+from ..runtime import world as run_world
 from .base import NonFiniteGradient, StepPlan, Strategy, average_op, checked_update, threads_per_rank, unwrap
 from .ddp_hooks import CommHook
 
@@ -38,7 +39,7 @@ def _rendezvous(cfg: DDPConfig) -> tuple[int, int, int, int, str]:
                 int(os.environ.get("LOCAL_WORLD_SIZE", 1)), "env://")
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
+    comm = run_world.comm()
     rank, size = comm.Get_rank(), comm.Get_size()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     hosts = comm.allgather(socket.gethostname())

@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import syncbn
 from ..config import ConfigError, HorovodConfig, TrainConfig
+from ..runtime import world as run_world
 from ..runtime.launch_env import apply_mpi_defaults, apply_torch_defaults
 from ..execution import LossFn
 from ..parallel.layout import Layout
@@ -117,7 +118,9 @@ class HorovodStrategy(Strategy):
         except ImportError as err:
             raise RuntimeError(f"horovod.torch is not importable ({err}); run scripts/install.sh") from None
         sets = self._stage_sets(hvd)
-        hvd.init(process_sets=sets or None)
+        # confined to a group of the job (hvd-tune): Horovod's world is that group
+        group = run_world.comm() if run_world.scope() is not None else None
+        hvd.init(comm=group, process_sets=sets or None)
         self.hvd = hvd
         self.rank, self.size = hvd.rank(), hvd.size()
         # None: one replica of the pipeline, nothing to exchange. Horovod is then left out of
@@ -140,9 +143,7 @@ class HorovodStrategy(Strategy):
         from ..runtime.launch_env import launched_by_mpi
         if not launched_by_mpi():
             raise ConfigError("parallel.pipeline_stages: pipeline stages need an MPI launcher (mpirun, srun)")
-        from mpi4py import MPI
-
-        world = MPI.COMM_WORLD.Get_size()
+        world = run_world.comm().Get_size()
         if world % stages or world == stages:  # check() names the first; the second has no replicas
             return []
         layout = Layout(world, stages)

@@ -45,6 +45,7 @@ def outer_step(anchor: Sequence[torch.Tensor], averaged: Sequence[torch.Tensor],
 class LocalSGDStrategy(HorovodStrategy):
     name = "local_sgd"
     pipelines = False
+    agreed_nonfinite = False  # each rank steps on its own gradient between averages
 
     def __init__(self, cfg: TrainConfig, precision=None, executor=None) -> None:
         super().__init__(cfg, precision, executor)

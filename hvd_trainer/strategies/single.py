@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, TrainConfig
-from ..runtime.launch_env import launcher_size
+from ..runtime import world as run_world
 from .base import StepPlan, Strategy, checked_update, threads_per_rank
 
 
@@ -20,7 +20,7 @@ class SingleProcessStrategy(Strategy):
             raise ConfigError(f"strategy: single runs one process, this job has {world_size}")
 
     def init(self) -> None:
-        self.size = launcher_size()  # a launcher may have started several: check() refuses them
+        self.size = run_world.size()  # a launcher may have started several: check() refuses them
         if torch.cuda.is_available():  # not exercised here (no GPU)
             self.device = torch.device("cuda", 0)
         torch.set_num_threads(threads_per_rank(self.cfg.runtime.threads, 1))

@@ -35,6 +35,7 @@ from .rounds import ClientRounds
 class FedAvgStrategy(HorovodStrategy):
     name = "fedavg"
     pipelines = False
+    agreed_nonfinite = False  # each client steps on its own gradient within a round
 
     def __init__(self, cfg: TrainConfig, precision=None, executor=None) -> None:
         super().__init__(cfg, precision, executor)

@@ -29,6 +29,7 @@ from torch import nn
 
 from ...checkpoint import torch_load_bytes
 from ...config import ConfigError, TrainConfig
+from ...runtime import world as run_world
 from ...schedule import lr_factor
 from ..base import NonFiniteGradient, StepPlan, Strategy, average_op, threads_per_rank, unwrap
 from .rules import make_rule
@@ -38,6 +39,7 @@ from .wire import CTRL_CHECKPOINT, CTRL_COUNTERS, CTRL_DONE, CTRL_IDLE, TAG_CTRL
 
 class ParameterServerStrategy(Strategy):
     name = "ps"
+    agreed_nonfinite = False  # a worker checks its own gradient, not the servers' average
 
     def __init__(self, cfg: TrainConfig, precision=None, executor=None) -> None:
         super().__init__(cfg, precision, executor)
@@ -76,7 +78,7 @@ class ParameterServerStrategy(Strategy):
         from mpi4py import MPI
 
         self.MPI = MPI
-        self.world = MPI.COMM_WORLD
+        self.world = run_world.comm()
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
         k = self.pcfg.num_servers
         self.server_ranks = list(range(self.size - k, self.size))
