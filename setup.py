@@ -26,6 +26,7 @@ setup(
         "matplotlib",  # hvd-bench's and hvd-report's plots
         "tensorboard",  # runtime.tensorboard (torch.utils.tensorboard writes, tests read back)
         "prometheus_client",  # runtime.metrics_port / metrics_textfile
+        "optuna>=4.0",  # hvd-tune: samplers, pruners, the journal storage its groups share
     ],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"]},
     entry_points={
@@ -34,6 +35,7 @@ setup(
             "hvd-launch=mpi_jobs.cli:main",
             "hvd-bench=benchmarks.cli:main",
             "hvd-report=hvd_trainer.monitor.report:main",
+            "hvd-tune=hvd_trainer.tune.cli:main",
         ]
     },
 )

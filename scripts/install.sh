@@ -107,7 +107,7 @@ if [ "$SYSTEM_TORCH" = 1 ]; then
 else
   "${PIP[@]}" "$TORCH_PIN"
 fi
-"${PIP[@]}" numpy mpi4py pyyaml "pydantic>=2.7" tqdm scikit-learn pillow matplotlib tensorboard prometheus_client pytest pytest-timeout pytest-random-order hypothesis \
+"${PIP[@]}" numpy mpi4py pyyaml "pydantic>=2.7" tqdm scikit-learn pillow matplotlib tensorboard prometheus_client "optuna>=4.0" pytest pytest-timeout pytest-random-order hypothesis \
   cloudpickle psutil packaging wheel setuptools
 
 # --- 4. Horovod, built once per (python, torch, MPI) and cached ---------------------------------

@@ -1,0 +1,150 @@
+"""``launch: packed``: the job's N ranks split into N/k groups, each running one trial at a time
+inside the job, confined to its own communicator (:mod:`..runtime.world`).
+
+    world rank r -> group r // k, group rank r % k; group rank 0 is the group's leader
+
+Start (collective over the job): rank 0 creates or loads the study and lists the trials a
+previous run left running; they are dealt out to the groups, which resume them first. Then
+each group loops on its own: the leader claims a trial, the group runs it, the leader records
+it. A group with nothing left waits for the others without spinning; the job ends together,
+and rank 0 writes the results. A stop signal ends each group's running trial with a checkpoint
+(the trial stays running in the journal) and the job exits 75, to be requeued.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..config import ConfigError
+from ..runtime import world
+from ..runtime.control import StopSignals
+from ..runtime.errors import EXIT_PREEMPTED
+from ..runtime.launch_env import abort_job, apply_mpi_defaults
+from . import storage
+from .space import suggest, trial_config, trial_tree
+from .study import StudyConfig
+from .trials import FAILED, PREEMPTED, Outcome, printer, record, run_trial
+
+
+def groups_of(size: int, k: int) -> list[list[int]]:
+    """The job's ranks, k to a group, in order."""
+    if size % k:
+        raise ConfigError(f"ranks_per_trial: {k} does not divide the job's {size} ranks")
+    return [list(range(g * k, (g + 1) * k)) for g in range(size // k)]
+
+
+def deal(numbers: list[int], n_groups: int) -> list[list[int]]:
+    """Interrupted trials, round-robin over the groups."""
+    return [numbers[g::n_groups] for g in range(n_groups)]
+
+
+def _quiet_wait(comm, poll_s: float = 0.05) -> None:
+    """A barrier that sleeps while it waits: an idle group leaves its cores to the others."""
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(poll_s)
+
+
+def run_packed(cfg: StudyConfig, base_dir: Path, stop_signals: list[str]) -> int:
+    apply_mpi_defaults()
+    from mpi4py import MPI
+
+    groups = groups_of(MPI.COMM_WORLD.Get_size(), cfg.ranks_per_trial)  # the same verdict everywhere
+    try:
+        return _study(cfg, base_dir, stop_signals, groups)
+    except BaseException as err:  # noqa: BLE001 - one failing rank must end the job, not hang it
+        if isinstance(err, SystemExit) and not err.code:
+            raise
+        print(f"hvd-tune: job rank {MPI.COMM_WORLD.Get_rank()} failed: {type(err).__name__}: {err}",
+              file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        abort_job(1)
+        raise
+
+
+def _study(cfg: StudyConfig, base_dir: Path, stop_signals: list[str], groups: list[list[int]]) -> int:
+    from mpi4py import MPI
+
+    job = MPI.COMM_WORLD
+    rank = job.Get_rank()
+    me = rank // cfg.ranks_per_trial
+    folder = storage.study_dir(cfg)
+    leftover: list[int] = []
+    if rank == 0:
+        study = storage.open_study(cfg, folder)
+        leftover = [t.number for t in storage.interrupted(study)]
+    mine = deal(job.bcast(leftover, root=0), len(groups))[me]
+    group = job.Split(color=me, key=rank)
+    leader = group.Get_rank() == 0
+    study = storage.open_study(cfg, folder) if leader else None
+    signals = StopSignals(stop_signals)  # between trials; a trial's own catcher shares a stop
+    deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
+    stopped = False
+    try:
+        while True:
+            stop = group.allreduce(int(signals.received is not None), op=MPI.MAX)
+            claim = None
+            if leader and not stop:
+                claim = _claim(study, cfg, folder, deadline, mine)
+            claim = group.bcast(claim, root=0)
+            if claim is None:
+                stopped = bool(stop)
+                break
+            number, params = claim
+            label = f"trial {number}"
+            say = printer(label)
+            run_dir = storage.trial_dir(folder, number)
+            if leader:
+                say(f"on job ranks {groups[me][0]}-{groups[me][-1]}: "
+                    + ", ".join(f"{k}={v}" for k, v in params.items()))
+            handle = storage.resume_trial(study, number) if leader else None
+            with world.confined(group, label):
+                outcome = _run(cfg, base_dir, params, run_dir, handle, say)
+            if leader:
+                record(study, handle, outcome, str(run_dir), groups[me])
+                say(f"{outcome.state}" + (f" {cfg.metric}={outcome.value:.4f}" if outcome.value is not None else "")
+                    + (f" ({outcome.reason})" if outcome.reason else ""))
+            if outcome.state == PREEMPTED:
+                stopped = True
+                break
+    finally:
+        signals.restore()
+    _quiet_wait(job)
+    stopped = bool(job.allreduce(int(stopped), op=MPI.MAX))
+    if rank == 0:
+        from .results import write_results
+
+        write_results(storage.open_study(cfg, folder), cfg, folder, base_dir)
+    group.Free()
+    return EXIT_PREEMPTED if stopped else 0
+
+
+def _claim(study, cfg: StudyConfig, folder: Path, deadline: Optional[float],
+           mine: list[int]) -> Optional[tuple[int, dict[str, Any]]]:
+    """The leader's next trial: an interrupted one of this group's, else a new one."""
+    if mine:
+        number = mine.pop(0)
+        handle = storage.resume_trial(study, number)
+        return number, dict(handle.params)
+    handle = storage.next_trial(study, cfg, folder, deadline)
+    if handle is None:
+        return None
+    return handle.number, suggest(handle, cfg.space)
+
+
+def _run(cfg: StudyConfig, base_dir: Path, params: dict[str, Any], run_dir: Path, handle, say) -> Outcome:
+    try:
+        train_cfg = trial_config(cfg, base_dir, params, run_dir)
+    except ConfigError as err:  # a parameter made the config invalid: the same on every rank
+        return Outcome(FAILED, reason=f"config error: {err}")
+    if world.comm().Get_rank() == 0:  # the trial's whole config beside its results
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tree = trial_tree(cfg, base_dir, params, run_dir)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+    return run_trial(train_cfg, cfg.metric, handle, say)
