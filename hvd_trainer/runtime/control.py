@@ -164,7 +164,7 @@ class MPIControlPlane(ControlPlane):
             return stop.should_stop(step)
 
     def describe(self, rank: int) -> str:
-        return f"rank {rank} on host {self.hosts[rank]}"
+        return f"{world.who(rank)} on host {self.hosts[rank]}"
 
     @property
     def reason(self) -> str:

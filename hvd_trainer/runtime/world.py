@@ -18,7 +18,7 @@ from .launch_env import launcher_size
 class Scope:
     comm: Any  # an mpi4py intracommunicator: this group's ranks
     label: str  # names the run in messages that reach the whole job ("trial 3")
-    world_rank: int
+    job_ranks: tuple[int, ...]  # the job rank of each of the group's ranks
 
 
 _scope: Optional[Scope] = None
@@ -47,7 +47,7 @@ def who(rank: int) -> str:
     """``rank`` of this run as the job's output should name it."""
     if _scope is None:
         return f"rank {rank}"
-    return f"{_scope.label}, rank {rank} (job rank {_scope.world_rank})"
+    return f"{_scope.label}, rank {rank} (job rank {_scope.job_ranks[rank]})"
 
 
 @contextmanager
@@ -57,7 +57,9 @@ def confined(group_comm, label: str) -> Iterator[Scope]:
     from mpi4py import MPI
 
     previous = _scope
-    _scope = Scope(group_comm, label, MPI.COMM_WORLD.Get_rank())
+    mine = list(range(group_comm.Get_size()))
+    job_ranks = MPI.Group.Translate_ranks(group_comm.Get_group(), mine, MPI.COMM_WORLD.Get_group())
+    _scope = Scope(group_comm, label, tuple(job_ranks))
     try:
         yield _scope
     finally:

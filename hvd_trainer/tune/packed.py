@@ -82,7 +82,7 @@ def _study(cfg: StudyConfig, base_dir: Path, stop_signals: list[str], groups: li
     mine = deal(job.bcast(leftover, root=0), len(groups))[me]
     group = job.Split(color=me, key=rank)
     leader = group.Get_rank() == 0
-    study = storage.open_study(cfg, folder) if leader else None
+    study = storage.open_study(cfg, folder, stream=me) if leader else None
     signals = StopSignals(stop_signals)  # between trials; a trial's own catcher shares a stop
     deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
     stopped = False

@@ -91,16 +91,17 @@ def plots(study, folder: Path) -> list[Path]:
 
 
 def report(folder: Path, run_dirs: list[Path]) -> list[Path]:
+    """``hvd-report`` over the trials that have metrics (a failed trial may have none)."""
     from ..monitor.report import write_report
     from ..monitor.report_data import RunDirError, load_runs
 
-    dirs = [d for d in run_dirs if (d / "metrics.jsonl").is_file()]
-    if not dirs:
-        return []
-    try:
-        return write_report(load_runs(dirs), folder / "report")
-    except RunDirError:
-        return []
+    runs = []
+    for d in run_dirs:
+        try:
+            runs += load_runs([d])
+        except RunDirError:
+            continue
+    return write_report(runs, folder / "report") if runs else []
 
 
 def write_results(study, cfg: StudyConfig, folder: Path, base_dir: Path) -> dict[str, Any]:

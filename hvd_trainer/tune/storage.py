@@ -38,14 +38,17 @@ class _Grid(optuna.samplers.GridSampler):
         pass
 
 
-def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
-    if cfg.sampler == "grid":
+def make_sampler(cfg: StudyConfig, stream: int = 0) -> optuna.samplers.BaseSampler:
+    """``stream``: the asking group's number. Each leader holds its own sampler, and samplers
+    seeded alike would propose the same random points side by side."""
+    if cfg.sampler == "grid":  # its seed orders the points: the same in every group
         return _Grid(cfg.grid_space(), seed=cfg.seed)
+    seed = cfg.seed + stream
     if cfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar: trials running in other groups count as bad guesses, so concurrent
     # leaders do not all sample the same point
-    return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials, constant_liar=True)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.startup_trials, constant_liar=True)
 
 
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
@@ -57,12 +60,12 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(cfg: StudyConfig, folder: Path) -> optuna.Study:
+def open_study(cfg: StudyConfig, folder: Path, stream: int = 0) -> optuna.Study:
     """Create or load the study in ``folder/journal.log`` (any process, any time)."""
     optuna.logging.set_verbosity(logging.WARNING)
     folder.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(folder / "journal.log")))
-    return optuna.create_study(study_name=cfg.name, storage=storage, sampler=make_sampler(cfg),
+    return optuna.create_study(study_name=cfg.name, storage=storage, sampler=make_sampler(cfg, stream),
                                pruner=make_pruner(cfg), direction=cfg.goal, load_if_exists=True)
 
 

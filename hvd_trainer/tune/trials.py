@@ -96,5 +96,7 @@ def record(study, handle, outcome: Outcome, run_dir: str, ranks: list[int]) -> N
 
 def printer(label: str) -> Callable[[str], None]:
     def say(msg: str) -> None:
-        print(f"hvd-tune: {label}: {msg}", file=sys.stderr, flush=True)
+        # one write: lines of the ranks sharing a launcher's stderr must not interleave
+        sys.stderr.write(f"hvd-tune: {label}: {msg}\n")
+        sys.stderr.flush()
     return say

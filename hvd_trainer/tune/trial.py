@@ -1,0 +1,52 @@
+"""One trial as its own job: ``python -m hvd_trainer.tune.trial STUDY.yaml NUMBER PARAMS_JSON
+[KEY=VALUE ...]``, every rank of an ``srun`` step that ``launch: srun`` starts. Rank 0 opens the
+study's journal (a shared file system holds it), reports to the pruner and records the outcome.
+
+Exit 0 once the trial is recorded (complete, pruned or failed), 75 after a stop signal (the
+trial stays running, to be resumed), 2 for a study file that does not load.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+from ..config import ConfigError
+from ..config.loading import parse_overrides
+from ..runtime.errors import EXIT_PREEMPTED
+from ..runtime.launch_env import launcher_rank, launcher_size
+from .space import trial_config
+from .storage import open_study, resume_trial, study_dir, trial_dir
+from .study import load_study
+from .trials import FAILED, PREEMPTED, Outcome, printer, record, run_trial
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    study_file, number, params = args[0], int(args[1]), json.loads(args[2])
+    rank = launcher_rank()
+    try:
+        cfg, base_dir = load_study(study_file, parse_overrides(args[3:]))
+    except ConfigError as err:
+        print(f"hvd-tune: trial {number}: config error: {err}", file=sys.stderr, flush=True)
+        return 2
+    folder = study_dir(cfg)
+    say = printer(f"trial {number}")
+    study = open_study(cfg, folder) if rank == 0 else None
+    handle = resume_trial(study, number) if rank == 0 else None
+    run_dir = trial_dir(folder, number)
+    try:
+        train_cfg = trial_config(cfg, base_dir, params, run_dir)
+    except ConfigError as err:  # the same verdict on every rank of the step
+        outcome = Outcome(FAILED, reason=f"config error: {err}")
+    else:
+        outcome = run_trial(train_cfg, cfg.metric, handle, say)
+    if rank == 0:
+        record(study, handle, outcome, str(run_dir), list(range(launcher_size())))
+        say(outcome.state + (f" {cfg.metric}={outcome.value:.4f}" if outcome.value is not None else "")
+            + (f" ({outcome.reason})" if outcome.reason else ""))
+    return EXIT_PREEMPTED if outcome.state == PREEMPTED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
