@@ -25,7 +25,9 @@ class BatchJob:
     job_name: str = "hvd-train"
     output: Optional[str] = None
     partition: Optional[str] = None
-    launcher: str = "srun"  # "srun" (PMIx, no mpirun) or "mpirun" (inside the allocation)
+    # "srun" (PMIx, no mpirun), "mpirun" (inside the allocation), or "none": the program runs
+    # in the batch shell and starts its own steps (hvd-tune launch=srun)
+    launcher: str = "srun"
     nodelist: Sequence[str] = ()  # --nodelist: run on exactly these nodes
     map_by: Optional[str] = None  # mpirun --map-by (launcher="mpirun" only)
     env: dict = field(default_factory=dict)
@@ -78,7 +80,9 @@ class BatchJob:
             # (the local core count says nothing about the allocation: no oversubscription guess)
             return mpirun_command(self.ntasks, program, oversubscribe=False, yield_when_idle=False,
                                   map_by=self.map_by)
-        raise ValueError(f"launcher must be srun or mpirun, got {self.launcher!r}")
+        if self.launcher == "none":
+            return program
+        raise ValueError(f"launcher must be srun, mpirun or none, got {self.launcher!r}")
 
 
 # The launch runs in the background so that the batch shell can take SLURM's warning signal (or

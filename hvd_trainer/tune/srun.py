@@ -67,7 +67,7 @@ def run_srun(cfg: StudyConfig, base_dir: Path, study_file: str, overrides: list[
                                   f"names it)")
             if signals.received and not forwarded:
                 for proc in running.values():  # srun passes it on to the step's tasks
-                    proc.send_signal(getattr(signal, f"SIG{signals.received}"))
+                    proc.send_signal(getattr(signal, signals.received))
                 forwarded = True
             stop = bool(signals.received) or preempted or bool(failed)
             while not stop and not exhausted and len(running) < width:
