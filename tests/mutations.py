@@ -236,6 +236,32 @@ MUTATIONS: list[Mutation] = [
         "            pass  # mutation: the clients trained before the stop are forgotten",
         ("tests/parallel/test_fedavg.py::test_a_stop_between_two_clients_of_a_round_resumes_exactly",),
         "a stop between two clients of a round resumes exactly"),
+    # --- hvd-tune ----------------------------------------------------------------------------------
+    Mutation(
+        "tune_groups_share_horovod_world", "hvd_trainer/strategies/horovod.py",
+        "        group = run_world.comm() if run_world.scope() is not None else None\n",
+        "        group = None\n",
+        ("tests/parallel/test_tune.py::test_two_groups_train_at_the_same_time_and_their_collectives_never_mix[horovod]",),
+        "each group's Horovod runs on its own communicator, not the job's"),
+    Mutation(
+        "tune_prune_on_rank0_only", "hvd_trainer/tune/trials.py",
+        "        verdict = strategy.broadcast_object(verdict)\n",
+        "",
+        ("tests/parallel/test_tune.py::test_an_asha_pruned_trial_stops_on_every_rank_of_its_group_at_one_step",),
+        "a pruned trial stops on every rank of its group, at one step"),
+    Mutation(
+        "tune_interrupted_trials_forgotten", "hvd_trainer/tune/packed.py",
+        "        leftover = [t.number for t in storage.interrupted(study)]\n",
+        "        leftover = []\n",
+        ("tests/parallel/test_tune.py::test_a_stopped_study_resumes_its_running_trials_and_reruns_no_finished_one",),
+        "a requeued study resumes the trials a stop left running"),
+    Mutation(
+        "tune_grid_random_per_group", "hvd_trainer/tune/storage.py",
+        "        return _Grid(cfg.grid_space(), seed=cfg.seed)",
+        "        return _Grid(cfg.grid_space(), seed=cfg.seed + stream)",
+        ("tests/unit/test_tune_rules.py::test_two_leaders_sharing_a_journal_walk_the_grid_once_and_stop_at_the_count",
+         "tests/parallel/test_tune.py::test_a_2x2_grid_on_two_groups_runs_every_point_once_and_the_best_reproduces"),
+        "groups sharing a grid walk each point once"),
 ]
 
 

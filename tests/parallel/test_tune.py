@@ -73,12 +73,14 @@ def test_a_2x2_grid_on_two_groups_runs_every_point_once_and_the_best_reproduces(
     assert_same(_final_model(tmp_path / "alone"), _final_model(Path(best.user_attrs["run_dir"])), exact=True)
 
 
-def test_two_groups_train_at_the_same_time_and_their_collectives_never_mix(tmp_path):
-    # 4 ranks, 2 groups of 2: two Horovod worlds on sub-communicators, each allreducing over
-    # its own pair at the same time. Each trial must equal the same config trained alone on 2
-    # ranks: one collective crossing groups would average the wrong gradients.
+@pytest.mark.parametrize("strategy", ["horovod", "ddp", "ps"])
+def test_two_groups_train_at_the_same_time_and_their_collectives_never_mix(tmp_path, strategy):
+    # 4 ranks, 2 groups of 2: two Horovod worlds on sub-communicators (two DDP process groups;
+    # two worker-server pairs), each exchanging over its own pair at the same time. Each trial
+    # must equal the same config trained alone on 2 ranks: one collective crossing groups
+    # would average the wrong gradients.
     study = _study(tmp_path, ranks_per_trial=2, space={"optim.lr": {"choices": [0.02, 0.2]}},
-                   overrides={**BASE, "epochs": 3})
+                   overrides={**BASE, "epochs": 3, "strategy": strategy})
     _tune(4, study, timeout=300, env={"TUNE_STEP_SLEEP": "0.005"})
     trials = _trials(tmp_path)
     assert [t.state.name for t in trials] == ["COMPLETE"] * 2
