@@ -191,3 +191,12 @@ def test_a_stop_caught_by_an_outer_catcher_reaches_the_inner_one_and_back():
         inner.restore()
     finally:
         outer.restore()
+
+
+def test_no_trial_starts_after_the_time_budget(tmp_path):
+    import time as _time
+    cfg = StudyConfig.model_validate({"name": "b", "space": SPACE, "trials": 50})
+    study = storage.open_study(cfg, tmp_path)
+    assert storage.next_trial(study, cfg, tmp_path, deadline=_time.monotonic() + 60) is not None
+    assert storage.next_trial(study, cfg, tmp_path, deadline=_time.monotonic() - 1) is None
+    assert len(study.get_trials()) == 1
