@@ -131,11 +131,14 @@ class CollectiveVote(ControlPlane):
 
 
 class MPIControlPlane(ControlPlane):
-    """The transport of :class:`~.protocols.Node` over a duplicate of ``COMM_WORLD``, run by a
-    thread. Only the thread touches the communicator until :meth:`close` has joined it."""
+    """The transport of :class:`~.protocols.Node` over a duplicate of the run's communicator, run
+    by a thread. Only the thread touches the communicator until :meth:`close` has joined it.
+    ``who(rank)`` names a rank in its messages (default: the run's rank)."""
 
-    def __init__(self, signals: StopSignals, timeout_s: float, is_training: bool) -> None:
+    def __init__(self, signals: StopSignals, timeout_s: float, is_training: bool,
+                 who: Optional[Callable[[int], str]] = None) -> None:
         super().__init__(signals)
+        self.who = who or world.who
         from mpi4py import MPI
 
         self.MPI = MPI
@@ -164,7 +167,7 @@ class MPIControlPlane(ControlPlane):
             return stop.should_stop(step)
 
     def describe(self, rank: int) -> str:
-        return f"{world.who(rank)} on host {self.hosts[rank]}"
+        return f"{self.who(rank)} on host {self.hosts[rank]}"
 
     @property
     def reason(self) -> str:

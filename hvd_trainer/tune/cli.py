@@ -44,7 +44,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             from .srun import run_srun
             return run_srun(cfg, base_dir, args.study, args.overrides, list(base.checkpoint.stop_signals))
         from .packed import run_packed
-        return run_packed(cfg, base_dir, list(base.checkpoint.stop_signals))
+        return run_packed(cfg, base_dir, base)
     except ConfigError as err:
         if rank == 0:
             print(f"hvd-tune: config error: {err}", file=sys.stderr, flush=True)

@@ -20,9 +20,9 @@ from typing import Any, Optional
 
 import yaml
 
-from ..config import ConfigError
+from ..config import ConfigError, TrainConfig
 from ..runtime import world
-from ..runtime.control import StopSignals
+from ..runtime.control import MPIControlPlane, StopSignals
 from ..runtime.errors import EXIT_PREEMPTED
 from ..runtime.launch_env import abort_job, apply_mpi_defaults
 from . import storage
@@ -50,13 +50,15 @@ def _quiet_wait(comm, poll_s: float = 0.05) -> None:
         time.sleep(poll_s)
 
 
-def run_packed(cfg: StudyConfig, base_dir: Path, stop_signals: list[str]) -> int:
+def run_packed(cfg: StudyConfig, base_dir: Path, base: TrainConfig) -> int:
+    """``base``: the training config before a trial's parameters (its stop signals and peer
+    timeout hold for the whole study)."""
     apply_mpi_defaults()
     from mpi4py import MPI
 
     groups = groups_of(MPI.COMM_WORLD.Get_size(), cfg.ranks_per_trial)  # the same verdict everywhere
     try:
-        return _study(cfg, base_dir, stop_signals, groups)
+        return _study(cfg, base_dir, base, groups)
     except BaseException as err:  # noqa: BLE001 - one failing rank must end the job, not hang it
         if isinstance(err, SystemExit) and not err.code:
             raise
@@ -68,7 +70,7 @@ def run_packed(cfg: StudyConfig, base_dir: Path, stop_signals: list[str]) -> int
         raise
 
 
-def _study(cfg: StudyConfig, base_dir: Path, stop_signals: list[str], groups: list[list[int]]) -> int:
+def _study(cfg: StudyConfig, base_dir: Path, base: TrainConfig, groups: list[list[int]]) -> int:
     from mpi4py import MPI
 
     job = MPI.COMM_WORLD
@@ -83,7 +85,11 @@ def _study(cfg: StudyConfig, base_dir: Path, stop_signals: list[str], groups: li
     group = job.Split(color=me, key=rank)
     leader = group.Get_rank() == 0
     study = storage.open_study(cfg, folder, stream=me) if leader else None
-    signals = StopSignals(stop_signals)  # between trials; a trial's own catcher shares a stop
+    signals = StopSignals(base.checkpoint.stop_signals)  # between trials; a trial's catcher shares a stop
+    # a heartbeat over the whole job: a 1-rank trial has no peer of its own to notice it froze,
+    # and the other groups would wait for it at the end
+    watch = MPIControlPlane(StopSignals(()), base.runtime.peer_timeout_s, True, _who(cfg, folder)) \
+        if len(groups) > 1 else None
     deadline = time.monotonic() + cfg.time_budget_s if cfg.time_budget_s else None
     stopped = False
     try:
@@ -91,7 +97,7 @@ def _study(cfg: StudyConfig, base_dir: Path, stop_signals: list[str], groups: li
             stop = group.allreduce(int(signals.received is not None), op=MPI.MAX)
             claim = None
             if leader and not stop:
-                claim = _claim(study, cfg, folder, deadline, mine)
+                claim = _claim(study, cfg, folder, deadline, mine, groups[me])
             claim = group.bcast(claim, root=0)
             if claim is None:
                 stopped = bool(stop)
@@ -116,6 +122,8 @@ def _study(cfg: StudyConfig, base_dir: Path, stop_signals: list[str], groups: li
     finally:
         signals.restore()
     _quiet_wait(job)
+    if watch is not None:
+        watch.close()
     stopped = bool(job.allreduce(int(stopped), op=MPI.MAX))
     if rank == 0:
         from .results import write_results
@@ -125,17 +133,32 @@ def _study(cfg: StudyConfig, base_dir: Path, stop_signals: list[str], groups: li
     return EXIT_PREEMPTED if stopped else 0
 
 
-def _claim(study, cfg: StudyConfig, folder: Path, deadline: Optional[float],
-           mine: list[int]) -> Optional[tuple[int, dict[str, Any]]]:
-    """The leader's next trial: an interrupted one of this group's, else a new one."""
+def _claim(study, cfg: StudyConfig, folder: Path, deadline: Optional[float], mine: list[int],
+           ranks: list[int]) -> Optional[tuple[int, dict[str, Any]]]:
+    """The leader's next trial: an interrupted one of this group's, else a new one. Its job
+    ranks go into the journal at once: a lost rank is then named with its trial."""
     if mine:
-        number = mine.pop(0)
-        handle = storage.resume_trial(study, number)
-        return number, dict(handle.params)
-    handle = storage.next_trial(study, cfg, folder, deadline)
-    if handle is None:
-        return None
-    return handle.number, suggest(handle, cfg.space)
+        handle = storage.resume_trial(study, mine.pop(0))
+        params = dict(handle.params)
+    else:
+        handle = storage.next_trial(study, cfg, folder, deadline)
+        if handle is None:
+            return None
+        params = suggest(handle, cfg.space)
+    handle.set_user_attr("ranks", ranks)
+    return handle.number, params
+
+
+def _who(cfg: StudyConfig, folder: Path):
+    """Names a job rank with the trial it runs, read from the journal when a rank is lost."""
+    def who(rank: int) -> str:
+        try:
+            running = [t.number for t in storage.interrupted(storage.open_study(cfg, folder))
+                       if rank in t.user_attrs.get("ranks", ())]
+        except Exception:  # noqa: BLE001 - naming the rank must not fail the message
+            running = []
+        return f"job rank {rank}" + (f" (trial {running[0]})" if running else "")
+    return who
 
 
 def _run(cfg: StudyConfig, base_dir: Path, params: dict[str, Any], run_dir: Path, handle, say) -> Outcome:

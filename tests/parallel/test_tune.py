@@ -40,6 +40,14 @@ def _trials(tmp_path: Path, name: str = "s") -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
 
 
+def _trials_so_far(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
+    """For polling a running study: none until its journal holds the study's record."""
+    try:
+        return _trials(tmp_path) if (tmp_path / "study" / "journal.log").exists() else []
+    except KeyError:
+        return []
+
+
 def _tune(np: int, study: Path, *args: str, timeout: float = 240, env=None):
     return mpirun(np, [sys.executable, DRIVER, str(study), *args], timeout=timeout, env=env)
 
@@ -141,8 +149,7 @@ def test_a_stopped_study_resumes_its_running_trials_and_reruns_no_finished_one(t
         ranks = job.ranks(2)
 
         def one_done_and_the_next_under_way() -> bool:
-            done = [t for t in _trials(tmp_path) if t.state.name == "COMPLETE"] if \
-                (tmp_path / "study" / "journal.log").exists() else []
+            done = [t for t in _trials_so_far(tmp_path) if t.state.name == "COMPLETE"]
             return bool(done) and any(metrics_rows(d) >= 1 and not (d / "summary.json").exists()
                                       for d in (tmp_path / "study").glob("trial-*"))
 
@@ -191,3 +198,20 @@ def test_a_bad_study_file_is_one_line_and_exit_2_on_every_rank(tmp_path):
     lines = [line for line in res.stderr.splitlines() if "config error" in line]
     assert lines == ["hvd-tune: config error: space.optim.lr.low: 1.0 must be below high (0.1)"], res.stderr
     assert not (tmp_path / "study").exists()
+
+
+def test_a_frozen_one_rank_trial_is_named_by_the_jobs_heartbeat(tmp_path):
+    # groups of 1 rank have no peer inside their trial: the study's own heartbeat over the job
+    # notices the frozen rank, names its trial from the journal, and ends the job (no hang)
+    study = _study(tmp_path, space={"optim.lr": {"choices": [0.05, 0.1]}},
+                   overrides={**BASE, "epochs": 50, "runtime": {"progress": False, "peer_timeout_s": 5.0}})
+    with RunningJob(mpirun_command(2, [sys.executable, DRIVER, str(study)]), env={"TUNE_STEP_SLEEP": "0.005"},
+                    program_marker="tune_driver.py") as job:
+        ranks = job.ranks(2)
+        job.wait_for("an epoch of both trials", lambda: all(
+            metrics_rows(tmp_path / "study" / f"trial-{n:04d}") >= 1 for n in (0, 1)))
+        ranks[1].send_signal(signal.SIGSTOP)
+        code = job.wait(90)
+    assert code not in (None, 0), job.output[-3000:]
+    frozen = next(t for t in _trials(tmp_path) if t.user_attrs.get("ranks") == [1])
+    assert f"lost job rank 1 (trial {frozen.number}) on host" in job.stderr, job.stderr[-3000:]
