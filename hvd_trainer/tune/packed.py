@@ -18,17 +18,15 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from ..config import ConfigError, TrainConfig
 from ..runtime import world
 from ..runtime.control import MPIControlPlane, StopSignals
 from ..runtime.errors import EXIT_PREEMPTED
 from ..runtime.launch_env import abort_job, apply_mpi_defaults
 from . import storage
-from .space import suggest, trial_config, trial_tree
+from .space import suggest
 from .study import StudyConfig
-from .trials import FAILED, PREEMPTED, Outcome, printer, record, run_trial
+from .trials import PREEMPTED, printer, record, run_point
 
 
 def groups_of(size: int, k: int) -> list[list[int]]:
@@ -111,7 +109,7 @@ def _study(cfg: StudyConfig, base_dir: Path, base: TrainConfig, groups: list[lis
                     + ", ".join(f"{k}={v}" for k, v in params.items()))
             handle = storage.resume_trial(study, number) if leader else None
             with world.confined(group, label):
-                outcome = _run(cfg, base_dir, params, run_dir, handle, say)
+                outcome = run_point(cfg, base_dir, params, run_dir, handle, say)
             if leader:
                 record(study, handle, outcome, str(run_dir), groups[me])
                 say(f"{outcome.state}" + (f" {cfg.metric}={outcome.value:.4f}" if outcome.value is not None else "")
@@ -159,15 +157,3 @@ def _who(cfg: StudyConfig, folder: Path):
             running = []
         return f"job rank {rank}" + (f" (trial {running[0]})" if running else "")
     return who
-
-
-def _run(cfg: StudyConfig, base_dir: Path, params: dict[str, Any], run_dir: Path, handle, say) -> Outcome:
-    try:
-        train_cfg = trial_config(cfg, base_dir, params, run_dir)
-    except ConfigError as err:  # a parameter made the config invalid: the same on every rank
-        return Outcome(FAILED, reason=f"config error: {err}")
-    if world.comm().Get_rank() == 0:  # the trial's whole config beside its results
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tree = trial_tree(cfg, base_dir, params, run_dir)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
-    return run_trial(train_cfg, cfg.metric, handle, say)

@@ -14,11 +14,11 @@ from typing import Optional
 from ..config import ConfigError
 from ..config.loading import parse_overrides
 from ..runtime.errors import EXIT_PREEMPTED
-from ..runtime.launch_env import launcher_rank, launcher_size
-from .space import trial_config
+from ..runtime import world
+from ..runtime.launch_env import apply_mpi_defaults, launcher_rank, launcher_size
 from .storage import open_study, resume_trial, study_dir, trial_dir
 from .study import load_study
-from .trials import FAILED, PREEMPTED, Outcome, printer, record, run_trial
+from .trials import PREEMPTED, printer, record, run_point
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -35,12 +35,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     study = open_study(cfg, folder) if rank == 0 else None
     handle = resume_trial(study, number) if rank == 0 else None
     run_dir = trial_dir(folder, number)
-    try:
-        train_cfg = trial_config(cfg, base_dir, params, run_dir)
-    except ConfigError as err:  # the same verdict on every rank of the step
-        outcome = Outcome(FAILED, reason=f"config error: {err}")
-    else:
-        outcome = run_trial(train_cfg, cfg.metric, handle, say)
+    apply_mpi_defaults()
+    from mpi4py import MPI
+
+    # the step is the trial's whole job, but a confined run fails its trial on a NaN where a
+    # plain hvd-train run would end the job
+    with world.confined(MPI.COMM_WORLD, f"trial {number}"):
+        outcome = run_point(cfg, base_dir, params, run_dir, handle, say)
     if rank == 0:
         record(study, handle, outcome, str(run_dir), list(range(launcher_size())))
         say(outcome.state + (f" {cfg.metric}={outcome.value:.4f}" if outcome.value is not None else "")

@@ -12,10 +12,12 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..config import ConfigError, TrainConfig
 from ..runtime.errors import NonFiniteError, Preempted
+from .study import StudyConfig
 
 COMPLETE, PRUNED, FAILED, PREEMPTED = "complete", "pruned", "failed", "preempted"
 
@@ -47,6 +49,26 @@ def pruning_hook(handle, metric: str, say: Callable[[str], None]):
         return verdict
 
     return on_epoch
+
+
+def run_point(study: StudyConfig, base_dir: Path, params: dict[str, Any], run_dir: Path, handle,
+              say: Callable[[str], None]) -> Outcome:
+    """Every rank of the group: the trial's config from ``params``, written beside its results,
+    then :func:`run_trial` (a config the parameters made invalid fails the trial)."""
+    import yaml
+
+    from ..runtime import world
+    from .space import trial_config, trial_tree
+
+    try:
+        train_cfg = trial_config(study, base_dir, params, run_dir)
+    except ConfigError as err:  # the same verdict on every rank
+        return Outcome(FAILED, reason=f"config error: {err}")
+    if world.comm().Get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tree = trial_tree(study, base_dir, params, run_dir)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+    return run_trial(train_cfg, study.metric, handle, say)
 
 
 def run_trial(cfg: TrainConfig, metric: str, handle, say: Callable[[str], None]) -> Outcome:

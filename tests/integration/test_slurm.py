@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,7 +120,8 @@ def test_a_warning_signal_stops_requeues_and_resumes_exactly(slurm, tmp_path):
 
 def test_hvd_tune_runs_each_trial_as_its_own_srun_step(slurm, tmp_path):
     """launch=srun: hvd-tune runs in the batch shell and starts every trial as an srun step of
-    ranks_per_trial tasks, two at a time in a 2-task allocation; each step records its trial."""
+    ranks_per_trial tasks, two at a time in a 2-task allocation; each step records its trial,
+    and a step whose trial diverges records it failed while the study goes on."""
     import optuna
     import yaml
     from optuna.storages import JournalStorage
@@ -129,7 +131,7 @@ def test_hvd_tune_runs_each_trial_as_its_own_srun_step(slurm, tmp_path):
     study.write_text(yaml.safe_dump({
         "name": "s", "base": "digits", "sampler": "grid", "launch": "srun", "ranks_per_trial": 1,
         "dir": str(tmp_path / "study"), "overrides": {"epochs": 2, "runtime": {"progress": False}},
-        "space": {"optim.lr": {"choices": [0.01, 0.1]}, "batch_size": {"choices": [16, 64]}}}))
+        "space": {"optim.lr": {"choices": [0.01, 1e4]}, "batch_size": {"choices": [16, 64]}}}))
     job = BatchJob(program=["hvd-tune", str(study)], ntasks=2, time="00:05:00", launcher="none",
                    output=str(tmp_path / "job.out"), env={"PATH": f"{BIN}:/usr/bin:/bin", "OMPI_MCA_mpi_yield_when_idle": "1"})
     (tmp_path / "job.sh").write_text(job.script())
@@ -138,9 +140,13 @@ def test_hvd_tune_runs_each_trial_as_its_own_srun_step(slurm, tmp_path):
     assert res.returncode == 0, res.output + out + slurm.logs()
     storage = JournalStorage(JournalFileBackend(str(tmp_path / "study" / "journal.log")))
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 4, out
     assert sorted((t.params["optim.lr"], t.params["batch_size"]) for t in trials) == \
-        [(0.01, 16), (0.01, 64), (0.1, 16), (0.1, 64)]
+        [(0.01, 16), (0.01, 64), (1e4, 16), (1e4, 64)]
+    for t in trials:
+        assert t.state.name == ("COMPLETE" if t.params["optim.lr"] == 0.01 else "FAIL"), out
+        assert t.state.name == "COMPLETE" or t.user_attrs["why"].startswith("diverged:"), t.user_attrs
+        written = yaml.safe_load((Path(t.user_attrs["run_dir"]) / "config.yaml").read_text())
+        assert written["optim"]["lr"] == t.params["optim.lr"]
     spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans  # two steps at once
     assert (tmp_path / "study" / "best.yaml").is_file() and "srun step" in out
