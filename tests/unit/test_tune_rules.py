@@ -200,3 +200,25 @@ def test_no_trial_starts_after_the_time_budget(tmp_path):
     assert storage.next_trial(study, cfg, tmp_path, deadline=_time.monotonic() + 60) is not None
     assert storage.next_trial(study, cfg, tmp_path, deadline=_time.monotonic() - 1) is None
     assert len(study.get_trials()) == 1
+
+
+@pytest.mark.parametrize("sampler, pruner", [("random", "hyperband"), ("tpe", "asha")])
+def test_the_configured_pruner_stops_the_worse_trials(tmp_path, sampler, pruner):
+    # a curve that rises with x: the pruner the study file names must cut the low-x trials short
+    cfg = StudyConfig.model_validate({"name": "p", "sampler": sampler, "pruner": pruner, "trials": 24,
+                                      "min_epochs": 1, "reduction_factor": 3, "space": {"x": {"low": 0.0, "high": 1.0}}})
+    study = storage.open_study(cfg, tmp_path)
+    while (trial := storage.next_trial(study, cfg, tmp_path, None)) is not None:
+        x = suggest(trial, cfg.space)["x"]
+        for epoch in range(1, 10):
+            trial.report(x * epoch / 9, epoch)
+            if trial.should_prune():
+                study.tell(trial, state=TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, x)
+    done = {state: [t.params["x"] for t in study.get_trials() if t.state == state]
+            for state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    assert len(done[TrialState.PRUNED]) >= 6 and done[TrialState.COMPLETE], done
+    assert sum(done[TrialState.COMPLETE]) / len(done[TrialState.COMPLETE]) > \
+        sum(done[TrialState.PRUNED]) / len(done[TrialState.PRUNED])
