@@ -73,7 +73,7 @@ def _target_rows(results: dict[str, Any], check: dict[str, Any]) -> list[tuple[s
     secs = results.get("sections", {})
     thr, coll, lk = secs.get("throughput", {}), secs.get("collectives", {}), secs.get("links", {})
     mon, pp, rare = secs.get("monitoring", {}), secs.get("pipeline", {}), secs.get("rare", {})
-    fed = secs.get("fedavg", {})
+    fed, tune = secs.get("fedavg", {}), secs.get("tune", {})
     two = thr.get("ranks", {}).get("2", {})
     rows: list[tuple[str, Optional[float], float, str]] = [
         ("default strategy (horovod) at 2 ranks / limit", two.get("horovod", {}).get("vs_limit"), 0.95, ">="),
@@ -100,6 +100,12 @@ def _target_rows(results: dict[str, Any], check: dict[str, Any]) -> list[tuple[s
          rare.get("best_rare_ratio_capped"), 0.33, "<="),
         ("FedAvg alpha = 0.1, E = 5: best FedProx gain over FedAvg, points (last rounds' accuracy, median of seeds)",
          max((r["tail_pp"]["median"] for r in fed.get("recovery", {}).values()), default=None), 0.0, ">"),
+        ("hvd-tune: trials per hour, 2 groups / 1 group, as a share of g = 2 (median of rounds)",
+         tune.get("pack", {}).get("share_of_g", {}).get("median"), 0.85, ">="),
+        ("hvd-tune: ASHA + TPE best accuracy below the grid's, points (median of sampler seeds)",
+         (tune.get("search", {}).get("gap_pp") or {}).get("median"), 0.5, "<="),
+        ("hvd-tune: ASHA + TPE training steps / the grid's (median of sampler seeds)",
+         tune.get("search", {}).get("steps_ratio", {}).get("median"), 0.4, "<="),
     ]
     return rows
 
