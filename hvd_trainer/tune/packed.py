@@ -93,10 +93,9 @@ def _study(cfg: StudyConfig, base_dir: Path, base: TrainConfig, groups: list[lis
     try:
         while True:
             stop = group.allreduce(int(signals.received is not None), op=MPI.MAX)
-            claim = None
-            if leader and not stop:
-                claim = _claim(study, cfg, folder, deadline, mine, groups[me])
-            claim = group.bcast(claim, root=0)
+            handle, params = _claim(study, cfg, folder, deadline, mine, groups[me]) if leader and not stop \
+                else (None, None)
+            claim = group.bcast(None if handle is None else (handle.number, params), root=0)
             if claim is None:
                 stopped = bool(stop)
                 break
@@ -107,7 +106,6 @@ def _study(cfg: StudyConfig, base_dir: Path, base: TrainConfig, groups: list[lis
             if leader:
                 say(f"on job ranks {groups[me][0]}-{groups[me][-1]}: "
                     + ", ".join(f"{k}={v}" for k, v in params.items()))
-            handle = storage.resume_trial(study, number) if leader else None
             with world.confined(group, label):
                 outcome = run_point(cfg, base_dir, params, run_dir, handle, say)
             if leader:
@@ -132,19 +130,20 @@ def _study(cfg: StudyConfig, base_dir: Path, base: TrainConfig, groups: list[lis
 
 
 def _claim(study, cfg: StudyConfig, folder: Path, deadline: Optional[float], mine: list[int],
-           ranks: list[int]) -> Optional[tuple[int, dict[str, Any]]]:
-    """The leader's next trial: an interrupted one of this group's, else a new one. Its job
-    ranks go into the journal at once: a lost rank is then named with its trial."""
+           ranks: list[int]) -> tuple[Any, Optional[dict[str, Any]]]:
+    """The leader's next trial and its parameters: an interrupted one of this group's, else a
+    new one, else (None, None). Its job ranks go into the journal at once: a lost rank is then
+    named with its trial."""
     if mine:
         handle = storage.resume_trial(study, mine.pop(0))
         params = dict(handle.params)
     else:
         handle = storage.next_trial(study, cfg, folder, deadline)
         if handle is None:
-            return None
+            return None, None
         params = suggest(handle, cfg.space)
     handle.set_user_attr("ranks", ranks)
-    return handle.number, params
+    return handle, params
 
 
 def _who(cfg: StudyConfig, folder: Path):
