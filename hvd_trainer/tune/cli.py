@@ -36,6 +36,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg, base_dir = load_study(args.study, parse_overrides(args.overrides))
         # the base alone must be a valid training config: a typo there would fail every trial
         base = from_dict(trial_tree(cfg, base_dir, {}, study_dir(cfg) / "base"))
+        if cfg.metric == "test_perplexity" and base.data.name != "text":
+            raise ConfigError(f"metric: test_perplexity is scored on data.name: text only (the base trains on "
+                              f"{base.data.name})")
         if args.results:
             from .results import write_results
             write_results(open_study(cfg, study_dir(cfg)), cfg, study_dir(cfg), base_dir)

@@ -222,3 +222,12 @@ def test_the_configured_pruner_stops_the_worse_trials(tmp_path, sampler, pruner)
     assert len(done[TrialState.PRUNED]) >= 6 and done[TrialState.COMPLETE], done
     assert sum(done[TrialState.COMPLETE]) / len(done[TrialState.COMPLETE]) > \
         sum(done[TrialState.PRUNED]) / len(done[TrialState.PRUNED])
+
+
+def test_a_metric_the_base_never_scores_is_a_config_error_before_any_trial(tmp_path, capsys):
+    from hvd_trainer.tune.cli import main
+
+    assert main([str(_write(tmp_path, metric="test_perplexity"))]) == 2
+    assert capsys.readouterr().err.strip() == ("hvd-tune: config error: metric: test_perplexity is scored on "
+                                               "data.name: text only (the base trains on digits)")
+    assert not (tmp_path / "study" / "journal.log").exists()
