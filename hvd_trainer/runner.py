@@ -84,6 +84,7 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Op
                 gc.collect()
     except BadSample as err:  # found on this rank alone: the others cannot know, so end the job
         if strategy.size <= 1:
+            teardown(reason=str(err))  # a caller may go on (hvd-tune's next trial)
             raise
         print(f"hvd-train: {world.who(strategy.rank)}: config error: {err}", file=sys.stderr, flush=True)
         abort_job(2)
@@ -96,10 +97,8 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, train_data: Op
         teardown()
         raise
     except NonFiniteError as err:
-        if strategy.size <= 1:
-            raise
-        if world.scope() is not None and type(strategy).agreed_nonfinite:
-            teardown(reason=str(err))  # every rank of the group is here, at the same step
+        if strategy.size <= 1 or (world.scope() is not None and type(strategy).agreed_nonfinite):
+            teardown(reason=str(err))  # every rank of the run is here, at the same step
             raise
         print(f"hvd-train: {world.who(strategy.rank)}: {err}", file=sys.stderr, flush=True)
         abort_job(1)

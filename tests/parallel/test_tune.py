@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -176,6 +177,31 @@ def test_a_stopped_study_resumes_its_running_trials_and_reruns_no_finished_one(t
         run = Path(after[n].user_attrs["run_dir"])
         assert summary(run)["resumed_from_step"] > 0
         assert f"[trial {n}] resumed from {run / 'checkpoints'}" in res.stdout, res.stdout[-3000:]
+
+
+def test_a_group_with_nothing_left_outlives_a_stop_signal_while_another_checkpoints(tmp_path):
+    # one short trial and one long one: the short one's group is done and waiting when the
+    # signal reaches every rank; it must not die of it, and the long trial must stop with its
+    # checkpoint (exit 75), not be killed along with the job
+    study = _study(tmp_path, space={"epochs": {"choices": [1, 40]}})
+    with RunningJob(mpirun_command(2, [sys.executable, DRIVER, str(study)]), env={"TUNE_STEP_SLEEP": "0.005"},
+                    program_marker="tune_driver.py") as job:
+        ranks = job.ranks(2)
+
+        def short_done_long_under_way() -> bool:
+            trials = {t.params["epochs"]: t for t in _trials_so_far(tmp_path)}
+            return 1 in trials and trials[1].state.name == "COMPLETE" and 40 in trials and \
+                metrics_rows(tmp_path / "study" / f"trial-{trials[40].number:04d}") >= 1
+
+        job.wait_for("the short trial done and the long one under way", short_done_long_under_way)
+        time.sleep(0.5)  # the short trial's group is in its wait
+        for proc in ranks.values():
+            proc.send_signal(signal.SIGUSR1)
+        code = job.wait(120)
+    assert code == 75, f"exit {code}\n{job.output[-3000:]}"
+    long = next(t for t in _trials(tmp_path) if t.params["epochs"] == 40)
+    assert long.state.name == "RUNNING" and "SIGUSR1" in long.user_attrs["last_stop"], long.user_attrs
+    assert list((Path(long.user_attrs["run_dir"]) / "checkpoints").glob("ckpt-step*.pt"))
 
 
 def test_a_frozen_rank_ends_the_study_naming_the_trial_and_rank(tmp_path):
