@@ -58,7 +58,10 @@ def confined(group_comm, label: str) -> Iterator[Scope]:
 
     previous = _scope
     mine = list(range(group_comm.Get_size()))
-    job_ranks = MPI.Group.Translate_ranks(group_comm.Get_group(), mine, MPI.COMM_WORLD.Get_group())
+    groups = group_comm.Get_group(), MPI.COMM_WORLD.Get_group()
+    job_ranks = MPI.Group.Translate_ranks(groups[0], mine, groups[1])
+    for g in groups:
+        g.Free()
     _scope = Scope(group_comm, label, tuple(job_ranks))
     try:
         yield _scope

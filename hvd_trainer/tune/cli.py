@@ -40,8 +40,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(f"metric: test_perplexity is scored on data.name: text only (the base trains on "
                               f"{base.data.name})")
         if args.results:
-            from .results import write_results
-            write_results(open_study(cfg, study_dir(cfg)), cfg, study_dir(cfg), base_dir)
+            if rank == 0:  # under a launcher, one writer
+                from .results import write_results
+                write_results(open_study(cfg, study_dir(cfg)), cfg, study_dir(cfg), base_dir)
             return 0
         if cfg.launch == "srun":
             from .srun import run_srun

@@ -12,6 +12,7 @@ and rank 0 writes the results. A stop signal ends each group's running trial wit
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -22,9 +23,8 @@ from ..config import ConfigError, TrainConfig
 from ..runtime import world
 from ..runtime.control import MPIControlPlane, StopSignals
 from ..runtime.errors import EXIT_PREEMPTED
-from ..runtime.launch_env import abort_job, apply_mpi_defaults
+from ..runtime.launch_env import abort_job, apply_mpi_defaults, usable_cores
 from . import storage
-from .space import suggest
 from .study import StudyConfig
 from .trials import PREEMPTED, printer, record, run_point
 
@@ -80,6 +80,10 @@ def _study(cfg: StudyConfig, base_dir: Path, base: TrainConfig, groups: list[lis
         study = storage.open_study(cfg, folder)
         leftover = [t.number for t in storage.interrupted(study)]
     mine = deal(job.bcast(leftover, root=0), len(groups))[me]
+    # a trial's local size is its group's; the host's cores are shared among all its job ranks
+    node = job.Split_type(MPI.COMM_TYPE_SHARED)
+    os.environ.setdefault("HVD_TRAINER_THREADS", str(max(1, usable_cores() // node.Get_size())))
+    node.Free()
     group = job.Split(color=me, key=rank)
     leader = group.Get_rank() == 0
     study = storage.open_study(cfg, folder, stream=me) if leader else None
@@ -94,7 +98,7 @@ def _study(cfg: StudyConfig, base_dir: Path, base: TrainConfig, groups: list[lis
         while True:
             stop = group.allreduce(int(signals.received is not None), op=MPI.MAX)
             handle, params = _claim(study, cfg, folder, deadline, mine, groups[me]) if leader and not stop \
-                else (None, None)
+                else (None, {})
             claim = group.bcast(None if handle is None else (handle.number, params), root=0)
             if claim is None:
                 stopped = bool(stop)
@@ -115,12 +119,14 @@ def _study(cfg: StudyConfig, base_dir: Path, base: TrainConfig, groups: list[lis
             if outcome.state == PREEMPTED:
                 stopped = True
                 break
+        _quiet_wait(job)
+        if watch is not None:
+            watch.close()
+        # the catcher stays until the end: a group that is done must outlive a stop signal
+        # (the default action of USR1 and TERM ends the process) while the others checkpoint
+        stopped = bool(job.allreduce(int(stopped or signals.received is not None), op=MPI.MAX))
     finally:
         signals.restore()
-    _quiet_wait(job)
-    if watch is not None:
-        watch.close()
-    stopped = bool(job.allreduce(int(stopped), op=MPI.MAX))
     if rank == 0:
         from .results import write_results
 
@@ -130,19 +136,12 @@ def _study(cfg: StudyConfig, base_dir: Path, base: TrainConfig, groups: list[lis
 
 
 def _claim(study, cfg: StudyConfig, folder: Path, deadline: Optional[float], mine: list[int],
-           ranks: list[int]) -> tuple[Any, Optional[dict[str, Any]]]:
-    """The leader's next trial and its parameters: an interrupted one of this group's, else a
-    new one, else (None, None). Its job ranks go into the journal at once: a lost rank is then
-    named with its trial."""
-    if mine:
-        handle = storage.resume_trial(study, mine.pop(0))
-        params = dict(handle.params)
-    else:
-        handle = storage.next_trial(study, cfg, folder, deadline)
-        if handle is None:
-            return None, None
-        params = suggest(handle, cfg.space)
-    handle.set_user_attr("ranks", ranks)
+           ranks: list[int]) -> tuple[Any, dict[str, Any]]:
+    """:func:`storage.claim`, with the group's job ranks in the journal at once: a lost rank is
+    then named with its trial."""
+    handle, params = storage.claim(study, cfg, folder, deadline, mine)
+    if handle is not None:
+        handle.set_user_attr("ranks", ranks)
     return handle, params
 
 

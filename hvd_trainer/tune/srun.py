@@ -22,7 +22,6 @@ from ..config import ConfigError
 from ..runtime.control import StopSignals
 from ..runtime.errors import EXIT_PREEMPTED
 from . import storage
-from .space import suggest
 from .study import StudyConfig
 
 
@@ -38,7 +37,10 @@ def slots(cfg: StudyConfig, environ: Optional[dict] = None) -> int:
 
 def step_command(cfg: StudyConfig, study_file: str, overrides: list[str], number: int, params: dict) -> list[str]:
     # --exact: the step takes only its own tasks' CPUs, so the other trials' steps can start
+    # --kill-on-bad-exit: a task that fails before its first collective must not leave the
+    # others of the step waiting in it
     return (["srun", f"--ntasks={cfg.ranks_per_trial}", "--mpi=pmix", "--cpus-per-task=1", "--exact",
+             "--kill-on-bad-exit=1",
              f"--job-name=trial-{number}", *cfg.srun_args, sys.executable, "-m", "hvd_trainer.tune.trial",
              str(Path(study_file).resolve()), str(number), json.dumps(params), *overrides])
 
@@ -71,21 +73,23 @@ def run_srun(cfg: StudyConfig, base_dir: Path, study_file: str, overrides: list[
                 forwarded = True
             stop = bool(signals.received) or preempted or bool(failed)
             while not stop and not exhausted and len(running) < width:
-                if pending:
-                    number = pending.pop(0)
-                    params = dict(storage.resume_trial(study, number).params)
-                else:
-                    handle = storage.next_trial(study, cfg, folder, deadline)
-                    if handle is None:
-                        exhausted = True
-                        break
-                    number, params = handle.number, suggest(handle, cfg.space)
+                handle, params = storage.claim(study, cfg, folder, deadline, pending)
+                if handle is None:
+                    exhausted = True
+                    break
+                number = handle.number
                 print(f"hvd-tune: trial {number}: srun step: " + ", ".join(f"{k}={v}" for k, v in params.items()),
                       file=sys.stderr, flush=True)
                 running[number] = subprocess.Popen(step_command(cfg, study_file, overrides, number, params))
             if not running and (stop or exhausted):
                 break
             time.sleep(0.2)
+    except BaseException:
+        for proc in running.values():  # no step outlives the study that started it
+            proc.terminate()
+        for proc in running.values():
+            proc.wait()
+        raise
     finally:
         signals.restore()
     from .results import write_results

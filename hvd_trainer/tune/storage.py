@@ -12,13 +12,14 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from .space import suggest
 from .study import StudyConfig
 
 
@@ -38,12 +39,13 @@ class _Grid(optuna.samplers.GridSampler):
         pass
 
 
-def make_sampler(cfg: StudyConfig, stream: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: StudyConfig, stream: int = 0, before: int = 0) -> optuna.samplers.BaseSampler:
     """``stream``: the asking group's number. Each leader holds its own sampler, and samplers
-    seeded alike would propose the same random points side by side."""
+    seeded alike would propose the same random points side by side. ``before``: trials the
+    journal already holds, so a resumed study does not draw its first run's points again."""
     if cfg.sampler == "grid":  # its seed orders the points: the same in every group
         return _Grid(cfg.grid_space(), seed=cfg.seed)
-    seed = cfg.seed + stream
+    seed = cfg.seed + stream + 10007 * before  # no two groups of one job alike, whenever they open
     if cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar: trials running in other groups count as bad guesses, so concurrent
@@ -65,7 +67,9 @@ def open_study(cfg: StudyConfig, folder: Path, stream: int = 0) -> optuna.Study:
     optuna.logging.set_verbosity(logging.WARNING)
     folder.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(folder / "journal.log")))
-    return optuna.create_study(study_name=cfg.name, storage=storage, sampler=make_sampler(cfg, stream),
+    before = sum(s.n_trials for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+                 if s.study_name == cfg.name)
+    return optuna.create_study(study_name=cfg.name, storage=storage, sampler=make_sampler(cfg, stream, before),
                                pruner=make_pruner(cfg), direction=cfg.goal, load_if_exists=True)
 
 
@@ -93,6 +97,17 @@ def next_trial(study: optuna.Study, cfg: StudyConfig, folder: Path, deadline: Op
         if len(study.get_trials(deepcopy=False)) >= cfg.trial_count():
             return None
         return study.ask()
+
+
+def claim(study: optuna.Study, cfg: StudyConfig, folder: Path, deadline: Optional[float],
+          pending: list[int]) -> tuple[Optional[Trial], dict[str, Any]]:
+    """The next trial to run and its parameters: the first of ``pending`` (interrupted trials,
+    with their own parameters), else a new one, else ``(None, {})``."""
+    if pending:
+        handle = resume_trial(study, pending.pop(0))
+        return handle, dict(handle.params)
+    handle = next_trial(study, cfg, folder, deadline)
+    return (None, {}) if handle is None else (handle, suggest(handle, cfg.space))
 
 
 def resume_trial(study: optuna.Study, number: int) -> Trial:

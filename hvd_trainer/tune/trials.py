@@ -112,7 +112,9 @@ def record(study, handle, outcome: Outcome, run_dir: str, ranks: list[int]) -> N
         study.tell(handle, outcome.value)
     elif outcome.state == PRUNED:
         study.tell(handle, state=TrialState.PRUNED)
-    elif outcome.state == FAILED:
+    elif outcome.state != PREEMPTED:  # failed, or no metric on this rank (it holds a PS server)
+        if outcome.state == COMPLETE:
+            handle.set_user_attr("why", "the recording rank has no metric (a parameter-server rank)")
         study.tell(handle, state=TrialState.FAIL)
 
 

@@ -171,8 +171,9 @@ def test_srun_mode_needs_an_allocation_and_starts_exact_steps():
     with pytest.raises(ConfigError, match="^ranks_per_trial: 2 is more than the allocation's 1 tasks"):
         slots(cfg, {"SLURM_NTASKS": "1"})
     cmd = step_command(cfg, "s.yaml", ["trials=3"], 7, {"optim.lr": 0.1})
-    assert cmd[:6] == ["srun", "--ntasks=2", "--mpi=pmix", "--cpus-per-task=1", "--exact", "--job-name=trial-7"]
-    assert cmd[6] == "--mem=1G"
+    assert cmd[:7] == ["srun", "--ntasks=2", "--mpi=pmix", "--cpus-per-task=1", "--exact", "--kill-on-bad-exit=1",
+                       "--job-name=trial-7"]
+    assert cmd[7] == "--mem=1G"
     assert cmd[-3:] == ["7", '{"optim.lr": 0.1}', "trials=3"] and cmd[-4].endswith("s.yaml")
 
 
@@ -231,3 +232,20 @@ def test_a_metric_the_base_never_scores_is_a_config_error_before_any_trial(tmp_p
     assert capsys.readouterr().err.strip() == ("hvd-tune: config error: metric: test_perplexity is scored on "
                                                "data.name: text only (the base trains on digits)")
     assert not (tmp_path / "study" / "journal.log").exists()
+
+
+def test_a_resumed_random_study_does_not_draw_its_first_points_again(tmp_path):
+    cfg = StudyConfig.model_validate({"name": "r", "sampler": "random", "trials": 6,
+                                      "space": {"x": {"low": 0.0, "high": 1.0}}})
+
+    def three() -> list[float]:
+        study = storage.open_study(cfg, tmp_path)  # each call: the study run again (a requeue)
+        points = []
+        for _ in range(3):
+            trial = storage.next_trial(study, cfg, tmp_path, None)
+            points.append(suggest(trial, cfg.space)["x"])
+            study.tell(trial, 0.0)
+        return points
+
+    first, second = three(), three()
+    assert not set(first) & set(second), (first, second)
