@@ -114,8 +114,7 @@ def _study(cfg: StudyConfig, base_dir: Path, base: TrainConfig, groups: list[lis
                 outcome = run_point(cfg, base_dir, params, run_dir, handle, say)
             if leader:
                 record(study, handle, outcome, str(run_dir), groups[me])
-                say(f"{outcome.state}" + (f" {cfg.metric}={outcome.value:.4f}" if outcome.value is not None else "")
-                    + (f" ({outcome.reason})" if outcome.reason else ""))
+                say(outcome.describe(cfg.metric))
             if outcome.state == PREEMPTED:
                 stopped = True
                 break

@@ -44,8 +44,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         outcome = run_point(cfg, base_dir, params, run_dir, handle, say)
     if rank == 0:
         record(study, handle, outcome, str(run_dir), list(range(launcher_size())))
-        say(outcome.state + (f" {cfg.metric}={outcome.value:.4f}" if outcome.value is not None else "")
-            + (f" ({outcome.reason})" if outcome.reason else ""))
+        say(outcome.describe(cfg.metric))
     return EXIT_PREEMPTED if outcome.state == PREEMPTED else 0
 
 

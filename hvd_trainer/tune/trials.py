@@ -30,6 +30,11 @@ class Outcome:
     summary: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
 
+    def describe(self, metric: str) -> str:
+        """The line hvd-tune prints when a trial ends."""
+        return self.state + (f" {metric}={self.value:.4f}" if self.value is not None else "") \
+            + (f" ({self.reason})" if self.reason else "")
+
 
 def pruning_hook(handle, metric: str, say: Callable[[str], None]):
     """The loop's ``on_epoch``: rank 0 reports ``metric`` and asks the pruner; all get its word."""
