@@ -11,6 +11,10 @@ test). A later tree adds tests for new features, so its whole suite's time alone
 whether the same checks got faster. Prints pytest's own time for each run, then the median and
 range over the rounds and the ratio to OLD's whole suite. Runs nothing in parallel: run it on an
 otherwise idle machine.
+
+With ``--prebuild``, each tree's container image is built (``containers/build.sh --if-changed``,
+timed apart) before its suite runs, so the suite's own time leaves out a build whose length
+depends on what the build cache holds (the two trees share the image's tag and evict each other).
 """
 from __future__ import annotations
 
@@ -21,7 +25,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import psutil
 
 
 def pytest(tree: Path, args: list[str], capture: bool = False) -> subprocess.CompletedProcess:
@@ -49,6 +56,23 @@ def timed(tree: Path, args: list[str], label: str) -> float:
     return float(found.group(2))
 
 
+def prebuild(tree: Path, label: str) -> None:
+    """The image the container tests use, built before the timed run (timed apart)."""
+    script = tree / "containers" / "build.sh"
+    if not script.exists():
+        return
+    t0 = time.monotonic()
+    res = subprocess.run([str(script), "--tag", "hvd-trainer-test", "--if-changed"], cwd=tree, text=True,
+                         capture_output=True, env=dict(os.environ, USER=os.environ.get("USER", "root")))
+    if res.returncode != 0:
+        sys.exit(f"suite_time: {script} failed:\n{res.stderr[-3000:]}")
+    # ch-image may start a git garbage collection of its build cache that outlives the build and
+    # takes every core: wait for it, or it would run inside the timed suite
+    while any("bucache" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])):
+        time.sleep(2)
+    print(f"{label:<24} image built in {time.monotonic() - t0:7.1f} s (not counted)", flush=True)
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):7.1f} s [{min(values):.1f}..{max(values):.1f}]"
 
@@ -61,6 +85,7 @@ def main() -> None:
                     help="NEW's tests that replaced one of OLD's (matched against the node id)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--full", action="store_true", help="also time NEW's whole suite")
+    ap.add_argument("--prebuild", action="store_true", help="build each tree's test image before its run")
     args = ap.parse_args()
     old, new = args.old.resolve(), args.new.resolve()
 
@@ -72,11 +97,13 @@ def main() -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("\n".join(same) + "\n")
     times: dict[str, list[float]] = {"old": [], "same": [], "full": []}
+    runs = [("old", old, [], "OLD whole"), ("same", new, [f"@{f.name}"], "NEW on OLD's")]
+    runs += [("full", new, [], "NEW whole")] if args.full else []
     for r in range(args.rounds):
-        times["old"].append(timed(old, [], f"round {r + 1}: OLD whole"))
-        times["same"].append(timed(new, [f"@{f.name}"], f"round {r + 1}: NEW on OLD's"))
-        if args.full:
-            times["full"].append(timed(new, [], f"round {r + 1}: NEW whole"))
+        for key, tree, selection, label in runs:
+            if args.prebuild:
+                prebuild(tree, f"round {r + 1}: {label}")
+            times[key].append(timed(tree, selection, f"round {r + 1}: {label}"))
     print(f"OLD whole suite:        {spread(times['old'])}")
     for key, label in (("same", "NEW on OLD's tests"), ("full", "NEW whole suite")):
         if times[key]:
