@@ -31,14 +31,14 @@ from pathlib import Path
 import psutil
 
 
-def pytest(tree: Path, args: list[str], capture: bool = False) -> subprocess.CompletedProcess:
+def run_pytest(tree: Path, args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, CI="true", PATH=f"{tree / '.venv' / 'bin'}:{os.environ['PATH']}")
     cmd = [str(tree / ".venv" / "bin" / "python"), "-m", "pytest", "-p", "no:randomly", *args]
     return subprocess.run(cmd, cwd=tree, env=env, text=True, capture_output=True)
 
 
 def collect(tree: Path) -> list[str]:
-    res = pytest(tree, ["--collect-only", "-q"])
+    res = run_pytest(tree, ["--collect-only", "-q"])
     ids = [line.strip() for line in res.stdout.splitlines() if "::" in line]
     if res.returncode != 0 or not ids:
         sys.exit(f"suite_time: collecting {tree} failed:\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
@@ -47,7 +47,7 @@ def collect(tree: Path) -> list[str]:
 
 def timed(tree: Path, args: list[str], label: str) -> float:
     """pytest's own wall time for one run; any failure stops the comparison."""
-    res = pytest(tree, ["-q", *args])
+    res = run_pytest(tree, ["-q", *args])
     last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
     found = re.search(r"(\d+) passed.* in ([\d.]+)s", last)
     if res.returncode != 0 or not found or "failed" in last or "error" in last:
